@@ -1,0 +1,316 @@
+"""The `minidit` command: train, sample, evaluate, demo, classifier (and grade, see minidit.grading)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2, no traceback."""
+
+
+def _device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        if n < 1:
+            raise CLIError(f"--threads must be ≥ 1, got {n}")
+        torch.set_num_threads(n)
+
+
+def _add_train_overrides(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training settings (override the recipe)")
+    g.add_argument("--steps", type=int, help="optimizer steps")
+    g.add_argument("--batch-size", type=int)
+    g.add_argument("--lr", type=float)
+    g.add_argument("--warmup-steps", type=int)
+    g.add_argument("--ema-decay", type=float)
+    g.add_argument("--objective", choices=["flow", "ddpm"])
+    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    g.add_argument("--grad-checkpointing", action="store_true", default=None)
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
+
+
+def _train_config(recipe_train, args) -> object:
+    names = ["steps", "batch_size", "lr", "warmup_steps", "ema_decay", "objective", "bf16", "grad_checkpointing",
+             "compile", "seed"]
+    over = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    try:
+        return replace(recipe_train, **over)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _run_meta(device: torch.device) -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
+            "machine": platform.processor() or platform.machine(), "python": platform.python_version()}
+
+
+# ---- train ---------------------------------------------------------------------------------------------
+def cmd_train(args) -> int:
+    from minidit.data import DataNotAvailableError, dataset_tensors
+    from minidit.models import DiT, get_config, save_model
+    from minidit.recipes import get_recipe
+    from minidit.train import Trainer
+    from minidit.viz import plot_loss
+
+    _threads(args.threads)
+    device = _device(args.device)
+    recipe = get_recipe(args.recipe)
+    try:
+        x, y = dataset_tensors(args.dataset, "train", args.data_root, args.download)
+    except DataNotAvailableError as e:
+        raise CLIError(str(e)) from None
+    model_cfg = get_config(args.config) if args.config else recipe.model
+    # the data decides channels and size (e.g. CIFAR-10: 3×32×32)
+    model_cfg = replace(model_cfg, in_channels=x.shape[1], input_size=x.shape[2], num_classes=int(y.max()) + 1)
+    cfg = _train_config(recipe.train, args)
+    out = Path(args.out)
+    state_path = out / "train_state.safetensors"
+    trainer = Trainer(DiT(model_cfg), x, y, cfg, device=device)
+    if args.resume:
+        if not state_path.exists():
+            raise CLIError(f"--resume: no training checkpoint at {state_path}")
+        trainer.load(state_path)
+        print(f"resumed from step {trainer.step}", file=sys.stderr)
+    trainer.run(time_budget=args.time_budget, checkpoint_path=state_path, checkpoint_every=args.checkpoint_every)
+    if trainer.rank == 0:
+        save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg),
+                   dataset=args.dataset)
+        plot_loss(trainer.history, out / "loss.png")
+        print(f"trained {trainer.step} steps in {trainer.train_seconds:.1f} s → {out / 'model.safetensors'}")
+    return 0
+
+
+# ---- sample --------------------------------------------------------------------------------------------
+def _parse_labels(spec: str, n: int, num_classes: int) -> torch.Tensor:
+    if spec == "balanced":
+        return torch.arange(n) % num_classes
+    try:
+        vals = [int(s) for s in spec.split(",")]
+    except ValueError:
+        raise CLIError(f"--labels must be 'balanced' or comma-separated class ids, got {spec!r}") from None
+    if any(v < 0 or v >= num_classes for v in vals):
+        raise CLIError(f"--labels must be in [0, {num_classes - 1}], got {vals}")
+    return torch.tensor(vals).repeat(-(-n // len(vals)))[:n]
+
+
+def cmd_sample(args) -> int:
+    from minidit.checkpoint import CheckpointError
+    from minidit.data import to_uint8
+    from minidit.flow import sample
+    from minidit.models import load_model
+    from minidit.viz import save_grid
+
+    _threads(args.threads)
+    if args.n < 1:
+        raise CLIError(f"--n must be ≥ 1, got {args.n}")
+    if not args.out.endswith(".npz"):
+        raise CLIError(f"--out must be a .npz file, got {args.out!r}")
+    try:
+        model = load_model(args.checkpoint, device=_device(args.device))
+    except (CheckpointError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    labels = _parse_labels(args.labels, args.n, model.config.num_classes)
+    g = torch.Generator().manual_seed(args.seed)
+    t0 = time.perf_counter()
+    imgs = sample(model, labels, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
+                  shift=args.shift, generator=g)
+    secs = time.perf_counter() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(args.out, images=to_uint8(imgs).permute(0, 2, 3, 1).cpu().numpy(),
+                        labels=labels.numpy())
+    if args.grid:
+        save_grid(imgs[: min(100, args.n)], args.grid)
+    print(f"wrote {args.n} samples ({secs:.1f} s) → {args.out}  [images uint8 (N, H, W, C), labels int64 (N,)]")
+    return 0
+
+
+# ---- evaluate ------------------------------------------------------------------------------------------
+def cmd_evaluate(args) -> int:
+    from minidit.data import to_model_range
+    from minidit.metrics import evaluate
+
+    try:
+        z = np.load(args.samples)
+        images, labels = z["images"], z["labels"]
+    except (OSError, KeyError, ValueError) as e:
+        raise CLIError(f"{args.samples}: need an .npz with arrays 'images' (N, 28, 28, 1) uint8 and 'labels' "
+                       f"({e})") from None
+    if images.ndim != 4 or images.shape[1:] != (28, 28, 1) or images.dtype != np.uint8:
+        raise CLIError(f"'images' must be uint8 (N, 28, 28, 1), got {images.dtype} {images.shape}")
+    x = to_model_range(images).permute(0, 3, 1, 2)  # (N, 1, 28, 28)
+    m = evaluate(x, torch.as_tensor(labels).long())
+    text = json.dumps(m, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+# ---- demo ----------------------------------------------------------------------------------------------
+def cmd_demo(args) -> int:
+    from minidit.data import mnist_tensors
+    from minidit.flow import sample
+    from minidit.metrics import evaluate
+    from minidit.models import DiT, save_model
+    from minidit.recipes import get_recipe
+    from minidit.train import Trainer
+    from minidit.viz import plot_loss, save_grid
+
+    _threads(args.threads)
+    device = _device(args.device)
+    recipe = get_recipe(args.recipe)
+    cfg = _train_config(recipe.train, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    x, y = mnist_tensors("train")
+    model = DiT(recipe.model)
+    print(f"minidit demo: recipe {args.recipe!r} ({recipe.description}); {model.num_params():,} parameters, "
+          f"{cfg.steps} steps × {cfg.batch_size} images on {device} ({torch.get_num_threads()} threads)",
+          file=sys.stderr)
+    trainer = Trainer(model, x, y, cfg, device=device)
+    trainer.run(time_budget=args.time_budget)
+    save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg), recipe=args.recipe)
+    plot_loss(trainer.history, out / "loss.png", title=f"minidit demo ({args.recipe})")
+
+    n = args.n
+    labels = torch.arange(n) % 10
+    skw = dict(recipe.sample)
+    if args.cfg_scale is not None:
+        skw["cfg_scale"] = args.cfg_scale
+    print(f"sampling {n} digits ({skw}) …", file=sys.stderr)
+    t0 = time.perf_counter()
+    imgs = sample(trainer.ema, labels, generator=torch.Generator().manual_seed(cfg.seed), **skw)
+    sample_seconds = time.perf_counter() - t0
+    order = torch.argsort(labels[:100], stable=True)  # grid rows = classes 0…9
+    save_grid(imgs[:100][order].cpu(), out / "samples.png", nrow=10)
+    metrics = evaluate(imgs.cpu(), labels)
+    metrics.update({
+        "train_seconds": round(trainer.train_seconds, 2),
+        "sample_seconds": round(sample_seconds, 2),
+        "steps": trainer.step,
+        "parameters": model.num_params(),
+        "recipe": args.recipe,
+        "model_config": recipe.model.to_dict(),
+        "train_config": asdict(cfg),
+        "sampling": skw,
+        **_run_meta(device),
+    })
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"conditional accuracy {metrics['conditional_accuracy']:.3f} | feature-FID {metrics['fid']:.3f} "
+          f"(real-vs-real floor {metrics['fid_floor']:.3f}, ratio {metrics['fid_ratio']:.2f}) | "
+          f"train {metrics['train_seconds']:.0f} s, {trainer.step} steps → {out}/")
+    return 0
+
+
+# ---- classifier ----------------------------------------------------------------------------------------
+def cmd_classifier(args) -> int:
+    from minidit.metrics import save_classifier, train_classifier
+
+    _threads(args.threads)
+    model, info = train_classifier(epochs=args.epochs, seed=args.seed)
+    info["held_out_accuracy"] = round(info["held_out_accuracy"], 4)
+    save_classifier(args.out, model, info)
+    print(f"held-out accuracy {info['held_out_accuracy']:.4f} → {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minidit.data import DATASETS
+    from minidit.models import CONFIGS
+    from minidit.recipes import RECIPES
+
+    p = argparse.ArgumentParser(prog="minidit", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp):
+        sp.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+        sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+
+    t = sub.add_parser("train", help="train a class-conditional DiT (rectified flow or DDPM)")
+    t.add_argument("--recipe", default="flagship", choices=sorted(RECIPES))
+    t.add_argument("--config", choices=sorted(CONFIGS), help="model config (default: the recipe's)")
+    t.add_argument("--dataset", default="mnist-bundled", choices=DATASETS)
+    t.add_argument("--data-root", default="data", help="where torchvision datasets live")
+    t.add_argument("--download", action="store_true", help="let torchvision download the dataset (online)")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
+    t.add_argument("--checkpoint-every", type=int, default=500)
+    _add_train_overrides(t)
+    common(t)
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate class-conditional samples to an .npz (images, labels)")
+    s.add_argument("--checkpoint", required=True, help="model.safetensors or train_state.safetensors")
+    s.add_argument("--n", type=int, default=100)
+    s.add_argument("--out", required=True, help="FILE.npz")
+    s.add_argument("--labels", default="balanced", help="'balanced' or e.g. '3' or '1,7'")
+    s.add_argument("--cfg-scale", type=float, default=2.0)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--sampler", default="euler", choices=["euler", "heun"])
+    s.add_argument("--shift", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--grid", help="also write a PNG grid of the first 100")
+    common(s)
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="conditional accuracy and feature-FID of MNIST samples in an .npz")
+    e.add_argument("samples", help=".npz from `minidit sample`")
+    e.add_argument("--json", help="also write the metrics here")
+    e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="train the flagship on bundled MNIST, sample with CFG, write metrics")
+    d.add_argument("--out", default="out/demo", help="output folder (samples.png, loss.png, metrics.json, model)")
+    d.add_argument("--recipe", default="flagship", choices=sorted(RECIPES))
+    d.add_argument("--n", type=int, default=1000, help="samples to evaluate (100 per class for 1000)")
+    d.add_argument("--cfg-scale", type=float, default=None)
+    _add_train_overrides(d)
+    common(d)
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("classifier", help="train the evaluation classifier on the bundled training digits")
+    c.add_argument("--out", default="minidit/weights/mnist_classifier.safetensors")
+    c.add_argument("--epochs", type=int, default=30)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=None)
+    c.set_defaults(func=cmd_classifier)
+
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "time_budget", None) is not None and args.time_budget <= 0:
+        print("minidit: error: --time-budget must be > 0", file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except CLIError as e:
+        print(f"minidit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

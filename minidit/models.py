@@ -1,0 +1,208 @@
+"""The DiT model (Peebles & Xie 2023) and its named configurations, from CPU toys to DiT-XL/2."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from minidit.blocks import DiTBlock, FinalLayer
+from minidit.embed import LabelEmbedder, TimestepEmbedder
+from minidit.tokens import PatchEmbed, sincos_2d, unpatchify
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Everything that fixes a DiT's architecture (saved as JSON beside every checkpoint)."""
+
+    input_size: int = 28  # H = W of the image or latent
+    in_channels: int = 1
+    patch_size: int = 2
+    dim: int = 128  # hidden size D
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 10  # the null label is index num_classes
+    class_dropout: float = 0.1  # label dropout for classifier-free guidance (training mode only)
+    learn_sigma: bool = False  # DiT's ImageNet models also predict a variance (doubles the output channels)
+    context_dim: int | None = None  # cross-attention to a token sequence of this width (text)
+    qk_norm: bool = False
+
+    def __post_init__(self):
+        checks = {
+            "input_size": self.input_size >= 1,
+            "in_channels": self.in_channels >= 1,
+            "patch_size": self.patch_size >= 1 and self.input_size % self.patch_size == 0,
+            "dim": self.dim >= 4 and self.dim % 4 == 0,
+            "depth": self.depth >= 1,
+            "num_heads": self.num_heads >= 1 and self.dim % self.num_heads == 0,
+            "mlp_ratio": self.mlp_ratio > 0,
+            "num_classes": self.num_classes >= 1,
+            "class_dropout": 0 <= self.class_dropout < 1,
+            "context_dim": self.context_dim is None or self.context_dim >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid DiTConfig field(s) {bad}: "
+                + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+                + " (need input_size % patch_size == 0, dim % 4 == 0, dim % num_heads == 0, class_dropout in [0, 1))"
+            )
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DiTConfig field(s) {sorted(unknown)}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+
+# DiT's ImageNet setting: 256² images → 32×32×4 SD-VAE latents, 1000 classes, learned sigma (Table 1).
+_IMAGENET = dict(input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+CONFIGS: dict[str, DiTConfig] = {
+    f"DiT-{name}/{p}": DiTConfig(**_IMAGENET, patch_size=p, depth=d, dim=w, num_heads=h)
+    for name, (d, w, h) in _SIZES.items()
+    for p in (2, 4, 8)
+}
+# CPU-sized models for 28×28 MNIST (the course's flagship is `mnist-s4`, chosen by benchmarks/time_to_quality.py).
+CONFIGS.update(
+    {
+        "mnist-tiny": DiTConfig(patch_size=4, dim=64, depth=2, num_heads=2),
+        "mnist-s4": DiTConfig(patch_size=4, dim=192, depth=6, num_heads=6),
+        "mnist-s2": DiTConfig(patch_size=2, dim=128, depth=6, num_heads=4),
+    }
+)
+
+
+def get_config(name: str, **overrides) -> DiTConfig:
+    """A named config, optionally with fields replaced (e.g. get_config('mnist-s4', depth=8))."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose one of {sorted(CONFIGS)}")
+    return replace(CONFIGS[name], **overrides)
+
+
+class DiT(nn.Module):
+    """Diffusion transformer: patch tokens + positions → adaLN-Zero blocks conditioned on c = t_emb + y_emb → patches.
+
+    forward(x, t, y) predicts the rectified-flow velocity (or DDPM noise) for images x (B, C, H, W) at
+    times t ∈ [0, 1] (B,) (0 = data, 1 = noise) with class labels y (B,) (y = num_classes is "no label").
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = c = config
+        self.x_embedder = PatchEmbed(c.patch_size, c.in_channels, c.dim)
+        self.t_embedder = TimestepEmbedder(c.dim)
+        self.y_embedder = LabelEmbedder(c.num_classes, c.dim, c.class_dropout)
+        grid = c.input_size // c.patch_size
+        self.register_buffer("pos_embed", sincos_2d(c.dim, grid).unsqueeze(0), persistent=False)  # (1, T, D)
+        self.blocks = nn.ModuleList(
+            DiTBlock(c.dim, c.num_heads, c.mlp_ratio, context_dim=c.context_dim, qk_norm=c.qk_norm)
+            for _ in range(c.depth)
+        )
+        self.final_layer = FinalLayer(c.dim, c.patch_size, c.out_channels)
+        self.grad_checkpointing = False
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """DiT's initialisation: xavier Linear/patch conv, N(0, 0.02) label and time MLP, zero adaLN and output."""
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        for block in self.blocks:
+            block.init_weights()
+        self.final_layer.init_weights()
+
+    @property
+    def null_label(self) -> int:
+        return self.config.num_classes
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        c = self.config
+        want = (c.in_channels, c.input_size, c.input_size)
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != want:
+            raise ValueError(f"x must be (B, {want[0]}, {want[1]}, {want[2]}), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
+        B = x.shape[0]
+        if not isinstance(t, torch.Tensor) or t.shape != (B,):
+            raise ValueError(f"t must be a tensor of shape ({B},), got {getattr(t, 'shape', type(t).__name__)}")
+        if not isinstance(y, torch.Tensor) or y.shape != (B,):
+            raise ValueError(f"y must be a tensor of shape ({B},), got {getattr(y, 'shape', type(y).__name__)}")
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        drop_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.check_inputs(x, t, y)
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, drop_mask)  # (B, D)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
+            else:
+                tokens = block(tokens, c, context, context_mask)
+        out = self.final_layer(tokens, c)  # (B, T, p·p·C_out)
+        return unpatchify(out, self.config.patch_size, self.config.out_channels)  # (B, C_out, H, W)
+
+
+# ---- saving and loading models ---------------------------------------------------------------------------
+MODEL_CLASSES: dict[str, tuple[type[nn.Module], type]] = {"DiT": (DiT, DiTConfig)}
+
+
+def build_model(name: str, config: dict) -> nn.Module:
+    """Instantiate a registered model class (`DiT`, …) from its config dict."""
+    if name not in MODEL_CLASSES:
+        raise ValueError(f"unknown model class {name!r}; known: {sorted(MODEL_CLASSES)}")
+    cls, cfg_cls = MODEL_CLASSES[name]
+    return cls(cfg_cls.from_dict(config))
+
+
+def save_model(path, model: nn.Module, **meta) -> None:
+    """Model weights only (kind 'model') + its class and config, for sampling and sharing."""
+    from minidit.checkpoint import save_checkpoint
+
+    save_checkpoint(path, model.state_dict(), {"kind": "model", "model": type(model).__name__,
+                                               "config": model.config.to_dict(), **meta})
+
+
+def load_model(path, use_ema: bool = True, device: torch.device | str = "cpu") -> nn.Module:
+    """A model from a 'model' checkpoint or a training checkpoint (its EMA weights unless use_ema=False)."""
+    from minidit.checkpoint import CheckpointError, load_checkpoint, load_state
+
+    tensors, meta = load_checkpoint(path)
+    if meta.get("kind") not in ("model", "train-state"):
+        raise CheckpointError(f"{path} holds a {meta.get('kind')!r} checkpoint, not a model or training state")
+    model = build_model(meta["model"], meta["config"])
+    prefix = "" if meta["kind"] == "model" else ("ema." if use_ema else "model.")
+    load_state(model, tensors, prefix, f"{meta['model']} ({path})")
+    return model.to(device).eval()

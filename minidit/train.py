@@ -1,0 +1,300 @@
+"""Training: AdamW, warm-up, EMA, gradient clipping, bf16 autocast, checkpoint/resume, torchrun DDP.
+
+Randomness is a pure function of (seed, step): the batch indices, t, the noise and the label-dropout mask
+of step s come from a generator seeded with (seed, s). So a run stopped after step s and resumed from its
+checkpoint replays exactly the batches the uninterrupted run would have seen, and N DDP processes each take
+their slice of the very same global batch a single process would use.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from minidit.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from minidit.ddpm import DDPMSchedule, ddpm_loss
+from minidit.flow import flow_loss, sample_t
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and objective settings (saved with every training checkpoint)."""
+
+    steps: int = 1000
+    batch_size: int = 128  # global batch (split evenly across DDP processes)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine" (decay to lr_min_ratio·lr at `steps`)
+    lr_min_ratio: float = 0.1
+    ema_decay: float = 0.999
+    grad_clip: float | None = 1.0
+    objective: str = "flow"  # "flow" (rectified flow, v = ε − x0) or "ddpm" (ε-prediction)
+    t_sampling: str = "logit_normal"  # flow: "uniform" or "logit_normal"
+    t_mean: float = 0.0
+    t_std: float = 1.0
+    t_shift: float = 1.0
+    ddpm_schedule: str = "linear"
+    bf16: bool = False  # autocast matmuls to bfloat16 (CPU with AVX-512-BF16/AMX, or GPU)
+    grad_checkpointing: bool = False
+    compile: bool = False
+    seed: int = 0
+    log_every: int = 10
+    extra: dict = field(default_factory=dict)  # free-form notes stored with checkpoints
+
+    def __post_init__(self):
+        checks = {
+            "steps": self.steps >= 1,
+            "batch_size": self.batch_size >= 1,
+            "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0,
+            "warmup_steps": self.warmup_steps >= 0,
+            "lr_schedule": self.lr_schedule in ("constant", "cosine"),
+            "ema_decay": 0 <= self.ema_decay < 1,
+            "grad_clip": self.grad_clip is None or self.grad_clip > 0,
+            "objective": self.objective in ("flow", "ddpm"),
+            "t_sampling": self.t_sampling in ("uniform", "logit_normal"),
+            "t_std": self.t_std > 0,
+            "t_shift": self.t_shift > 0,
+            "ddpm_schedule": self.ddpm_schedule in ("linear", "cosine"),
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError("invalid TrainConfig: " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown TrainConfig field(s) {sorted(set(d) - known)}")
+        return cls(**d)
+
+
+def ddp_env() -> tuple[int, int]:
+    """(rank, world size): from an initialised process group, else torchrun's environment, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Start the process group under torchrun (gloo on CPU, NCCL on CUDA); a no-op for a single process."""
+    rank, world = ddp_env()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return ddp_env()
+
+
+class Trainer:
+    """Owns the model, its EMA copy, the optimizer and the step counter for one training run."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        config: TrainConfig,
+        device: torch.device | str | None = None,
+    ):
+        if images.ndim != 4 or labels.shape != (images.shape[0],):
+            raise ValueError(f"need images (N, C, H, W) and labels (N,), "
+                             f"got {tuple(images.shape)}, {tuple(labels.shape)}")
+        if not torch.isfinite(images).all():
+            raise ValueError("training images contain NaN or Inf")
+        self.cfg = config
+        self.device = torch.device(device) if device is not None else images.device
+        self.rank, self.world = init_distributed(self.device)
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} DDP processes")
+        if images.shape[0] < config.batch_size:
+            raise ValueError(f"batch_size {config.batch_size} is larger than the dataset ({images.shape[0]} images)")
+        self.images, self.labels = images.to(self.device), labels.to(self.device).long()
+        self.model = model.to(self.device).train()
+        self.model.grad_checkpointing = config.grad_checkpointing
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.schedule = DDPMSchedule(config.ddpm_schedule) if config.objective == "ddpm" else None
+        self.net = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if config.compile:
+            self.net = torch.compile(self.net)
+        self.step = 0
+        self.train_seconds = 0.0
+        self.history: list[dict] = []  # {step, loss, lr, seconds}
+
+    # ---- data and randomness: a pure function of (seed, step) -------------------------------------------
+    def step_generator(self, step: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This process's slice of global batch `step`: x0, y, t (or k), noise, drop_mask."""
+        N, B = self.images.shape[0], self.cfg.batch_size
+        per_epoch = N // B
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch))
+        idx = perm[i * B : (i + 1) * B]  # (B,) global batch
+        g = self.step_generator(step)
+        if self.cfg.objective == "flow":
+            t = sample_t(B, self.cfg.t_sampling, self.cfg.t_mean, self.cfg.t_std, self.cfg.t_shift, generator=g)
+        else:
+            t = torch.randint(0, self.schedule.T, (B,), generator=g)
+        noise = torch.randn((B, *self.images.shape[1:]), generator=g)
+        drop = torch.rand(B, generator=g) < getattr(self.model.config, "class_dropout", 0.0)
+        lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world  # this rank's slice
+        sl = slice(lo, hi)
+        d = self.device
+        return {"x0": self.images[idx[sl].to(d)], "y": self.labels[idx[sl].to(d)], "t": t[sl].to(d),
+                "noise": noise[sl].to(d), "drop_mask": drop[sl].to(d)}
+
+    def lr_at(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.lr_schedule == "cosine":
+            p = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+            return c.lr * (c.lr_min_ratio + (1 - c.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+        return c.lr
+
+    def loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.cfg.objective == "flow":
+            return flow_loss(self.net, b["x0"], b["y"], b["t"], b["noise"], b["drop_mask"])
+        return ddpm_loss(self.net, self.schedule, b["x0"], b["y"], b["t"], b["noise"], b["drop_mask"])
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))  # short runs: warm the EMA up
+        for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+    def train_step(self) -> float:
+        """One optimizer update on global batch `self.step`; returns the loss (mean over all processes)."""
+        t0 = time.perf_counter()
+        b = self.batch(self.step)
+        lr = self.lr_at(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+            loss = self.loss(b)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        self.update_ema()
+        value = loss.detach()
+        if self.world > 1:
+            dist.all_reduce(value)
+            value /= self.world
+        value = float(value)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"loss is {value} at step {self.step}; lower the learning rate "
+                                     f"(now {lr:g}) or enable grad_clip")
+        self.step += 1
+        self.train_seconds += time.perf_counter() - t0
+        if self.step % self.cfg.log_every == 0 or self.step == 1:
+            self.history.append({"step": self.step, "loss": value, "lr": lr, "seconds": self.train_seconds})
+        return value
+
+    def run(
+        self,
+        steps: int | None = None,
+        time_budget: float | None = None,
+        progress: bool = True,
+        checkpoint_path: str | Path | None = None,
+        checkpoint_every: int | None = None,
+        callback: Callable[[Trainer], bool | None] | None = None,
+    ) -> Trainer:
+        """Train until `steps` (default cfg.steps) or until `time_budget` seconds of training time are spent.
+
+        `callback(trainer)` runs after every step outside the timed section; returning True stops training.
+        """
+        steps = self.cfg.steps if steps is None else steps
+        bar = tqdm(total=steps, initial=self.step, disable=not progress or self.rank != 0,
+                   desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        try:
+            while self.step < steps:
+                loss = self.train_step()
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                stop = bool(callback(self)) if callback is not None else False
+                if time_budget is not None and self.train_seconds >= time_budget:
+                    stop = True
+                if self.world > 1:  # every process must stop at the same step
+                    flag = torch.tensor([float(stop)], device=self.device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop = bool(flag.item())
+                if checkpoint_path and checkpoint_every and self.step % checkpoint_every == 0:
+                    self.save(checkpoint_path)
+                if stop:
+                    break
+        finally:
+            bar.close()
+        if checkpoint_path:
+            self.save(checkpoint_path)
+        return self
+
+    # ---- checkpoints ----------------------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        t.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        for i, s in self.opt.state_dict()["state"].items():
+            for name, v in s.items():
+                t[f"optim.{i}.{name}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+        t["rng.torch"] = torch.get_rng_state()
+        return t
+
+    def meta(self) -> dict:
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.state_dict()["param_groups"]]
+        return {
+            "kind": "train-state",
+            "model": type(self.model).__name__,
+            "config": self.model.config.to_dict(),
+            "train": asdict(self.cfg),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "history": self.history,
+            "optim_param_groups": groups,
+            "num_params": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Atomic training-state checkpoint (rank 0 writes; others wait)."""
+        if self.rank == 0:
+            save_checkpoint(path, self.state_tensors(), self.meta())
+        if self.world > 1:
+            dist.barrier()
+
+    def load(self, path: str | Path) -> Trainer:
+        """Restore model, EMA, optimizer, step, history and RNG state from a training checkpoint."""
+        tensors, meta = load_checkpoint(path, kind="train-state")
+        if meta["config"] != self.model.config.to_dict():
+            raise CheckpointError(f"{path} was trained with config {meta['config']}, this model is "
+                                  f"{self.model.config.to_dict()}")
+        load_state(self.model, tensors, "model.", "model")
+        load_state(self.ema, tensors, "ema.", "EMA model")
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v.to(self.device) if name != "step" else v
+        groups = self.opt.state_dict()["param_groups"]
+        for g, saved in zip(groups, meta["optim_param_groups"]):
+            g.update(saved)
+        self.opt.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.step, self.train_seconds = meta["step"], meta["train_seconds"]
+        self.history = list(meta["history"])
+        return self

@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from minidit.attention import Attention, CrossAttention, attention
+
+
+def naive_attention(q, k, v, mask=None):
+    """Per-batch, per-head loop: the definition, written independently of the package."""
+    B, H, Tq, d = q.shape
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            s = q[b, h] @ k[b, h].T / math.sqrt(d)
+            if mask is not None:
+                s = s.masked_fill(~mask[b][None, :], float("-inf"))
+            out[b, h] = torch.softmax(s, -1) @ v[b, h]
+    return out
+
+
+def test_sdpa_and_explicit_paths_agree_and_match_definition():
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, 4:] = False
+    for m in (None, mask):
+        fast = attention(q, k, v, m)
+        slow, w = attention(q, k, v, m, return_weights=True)
+        ref = naive_attention(q, k, v, m)
+        assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(slow, ref, atol=1e-5)
+        assert w.shape == (2, 3, 5, 7) and torch.allclose(w.sum(-1), torch.ones(2, 3, 5))
+    _, w = attention(q, k, v, mask, return_weights=True)
+    assert (w[1, :, :, 4:] == 0).all()
+
+
+def test_self_attention_matches_torch_multihead_attention():
+    D, H = 16, 4
+    ours = Attention(D, H)
+    ref = nn.MultiheadAttention(D, H, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(ours.qkv.weight)
+        ref.in_proj_bias.copy_(ours.qkv.bias)
+        ref.out_proj.weight.copy_(ours.proj.weight)
+        ref.out_proj.bias.copy_(ours.proj.bias)
+    x = torch.randn(3, 10, D)
+    want, want_w = ref(x, x, x, average_attn_weights=False)
+    out, w = ours(x, return_weights=True)
+    assert torch.allclose(out, want, atol=1e-5) and torch.allclose(w, want_w, atol=1e-5)
+    assert torch.allclose(ours(x), want, atol=1e-5)
+
+
+def test_cross_attention_own_context_width_and_padding_mask():
+    ca = CrossAttention(dim=16, context_dim=24, num_heads=2)
+    x, ctx = torch.randn(2, 9, 16), torch.randn(2, 6, 24)
+    mask = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    out = ca(x, ctx, mask)
+    assert out.shape == (2, 9, 16)
+    ctx2 = ctx.clone()
+    ctx2[1, 3:] = torch.randn(3, 24) * 100  # change only padded tokens
+    assert torch.allclose(ca(x, ctx2, mask), out, atol=1e-6)
+    ctx2[1, 0] += 1  # a real token does matter
+    assert not torch.allclose(ca(x, ctx2, mask), out, atol=1e-4)
+    out_w, w = ca(x, ctx, mask, return_weights=True)
+    assert torch.allclose(out_w, out, atol=1e-5) and (w[1, :, :, 3:] == 0).all()
+
+
+def test_cross_attention_matches_multihead_attention_with_kdim():
+    ca = CrossAttention(16, 24, 2)
+    ref = nn.MultiheadAttention(16, 2, batch_first=True, kdim=24, vdim=24)
+    with torch.no_grad():
+        ref.q_proj_weight.copy_(ca.q.weight)
+        ref.k_proj_weight.copy_(ca.kv.weight[:16])
+        ref.v_proj_weight.copy_(ca.kv.weight[16:])
+        ref.in_proj_bias.copy_(torch.cat([ca.q.bias, ca.kv.bias]))
+        ref.out_proj.weight.copy_(ca.proj.weight)
+        ref.out_proj.bias.copy_(ca.proj.bias)
+    x, ctx = torch.randn(2, 5, 16), torch.randn(2, 4, 24)
+    pad = torch.tensor([[False] * 4, [False, False, True, True]])  # torch: True = ignore
+    want, _ = ref(x, ctx, ctx, key_padding_mask=pad)
+    assert torch.allclose(ca(x, ctx, ~pad), want, atol=1e-5)
+
+
+def test_mask_errors():
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(ValueError, match="at least one unmasked key"):
+        attention(q, q, q, torch.zeros(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="must be bool"):
+        attention(q, q, q, torch.ones(1, 2))
+    with pytest.raises(ValueError, match=r"\(B, T_key\)"):
+        attention(q, q, q, torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="context must be"):
+        CrossAttention(8, 12, 2)(torch.randn(1, 3, 8), torch.randn(1, 3, 8))
+    with pytest.raises(ValueError, match="not divisible"):
+        Attention(10, 4)
+
+
+def test_qk_norm_normalises_each_head():
+    a = Attention(16, 2, qk_norm=True)
+    assert isinstance(a.q_norm, nn.RMSNorm) and a.q_norm.normalized_shape == (8,)
+    x = torch.randn(1, 4, 16)
+    out, w = a(x, return_weights=True)
+    assert torch.allclose(a(x), out, atol=1e-5)

@@ -1,0 +1,85 @@
+import json
+
+import numpy as np
+import pytest
+
+from minidit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["sample"], ["demo"], ["evaluate"], ["classifier"]])
+def test_help(capsys, cmd):
+    with pytest.raises(SystemExit) as e:
+        main([*cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: minidit" in capsys.readouterr().out
+
+
+def test_train_resume_sample_evaluate(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, _ = run(capsys, "train", "--recipe", "tiny", "--steps", "4", "--batch-size", "16",
+                          "--out", str(out), "--device", "cpu")
+    assert code == 0 and "trained 4 steps" in stdout
+    assert {"train_state.safetensors", "train_state.json", "model.safetensors", "model.json", "loss.png"} <= {
+        p.name for p in out.iterdir()}
+    code, stdout, err = run(capsys, "train", "--recipe", "tiny", "--steps", "6", "--batch-size", "16",
+                            "--out", str(out), "--resume", "--device", "cpu")
+    assert code == 0 and "resumed from step 4" in err and "trained 6 steps" in stdout
+
+    npz = tmp_path / "s.npz"
+    code, stdout, _ = run(capsys, "sample", "--checkpoint", str(out / "model.safetensors"), "--n", "12",
+                          "--steps", "2", "--out", str(npz), "--grid", str(tmp_path / "g.png"))
+    assert code == 0
+    z = np.load(npz)
+    assert z["images"].shape == (12, 28, 28, 1) and z["images"].dtype == np.uint8
+    assert z["labels"].tolist() == [i % 10 for i in range(12)]
+    assert (tmp_path / "g.png").exists()
+
+    code, stdout, _ = run(capsys, "evaluate", str(npz), "--json", str(tmp_path / "m.json"))
+    assert code == 0 and 0 <= json.loads((tmp_path / "m.json").read_text())["conditional_accuracy"] <= 1
+
+
+def test_demo_writes_metrics(tmp_path, capsys):
+    code, stdout, _ = run(capsys, "demo", "--recipe", "tiny", "--steps", "3", "--n", "20", "--out", str(tmp_path))
+    assert code == 0
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    for k in ("conditional_accuracy", "fid", "fid_floor", "train_seconds", "steps", "parameters"):
+        assert k in m
+    assert m["steps"] == 3 and (tmp_path / "samples.png").exists() and (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["sample", "--checkpoint", "/nonexistent.safetensors", "--out", "x.npz"], "no checkpoint at"),
+    (["sample", "--checkpoint", "x.safetensors", "--out", "x.png"], "must be a .npz"),
+    (["sample", "--checkpoint", "x.safetensors", "--out", "x.npz", "--n", "0"], "--n must be"),
+    (["train", "--dataset", "cifar10", "--data-root", "/nonexistent", "--out", "o"], "was not found"),
+    (["train", "--out", "o", "--lr", "-1"], "invalid TrainConfig"),
+    (["demo", "--threads", "0"], "--threads must be"),
+])
+def test_clear_errors(capsys, argv, match):
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and match in err and "Traceback" not in err
+
+
+def test_sample_rejects_foreign_file_and_bad_labels(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04garbage")
+    code, _, err = run(capsys, "sample", "--checkpoint", str(bad), "--out", str(tmp_path / "a.npz"))
+    assert code == 2 and "never unpickles" in err
+    code, _, _ = run(capsys, "train", "--recipe", "tiny", "--steps", "1", "--batch-size", "8",
+                     "--out", str(tmp_path / "r"))
+    code, _, err = run(capsys, "sample", "--checkpoint", str(tmp_path / "r" / "model.safetensors"),
+                       "--out", str(tmp_path / "a.npz"), "--labels", "12")
+    assert code == 2 and "--labels must be in [0, 9]" in err
+
+
+def test_evaluate_rejects_wrong_arrays(tmp_path, capsys):
+    p = tmp_path / "w.npz"
+    np.savez(p, images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.zeros(3))
+    code, _, err = run(capsys, "evaluate", str(p))
+    assert code == 2 and "uint8 (N, 28, 28, 1)" in err

@@ -1,0 +1,87 @@
+import math
+
+import pytest
+import torch
+
+from minidit.tokens import PatchEmbed, crop_pos_embed, patchify, sincos_2d, unpatchify
+
+
+@pytest.mark.parametrize("p", [1, 2, 4])
+@pytest.mark.parametrize("C,H,W", [(1, 28, 28), (4, 32, 32), (3, 8, 16)])
+def test_patchify_unpatchify_inverse(p, C, H, W):
+    x = torch.randn(2, C, H, W)
+    tok = patchify(x, p)
+    assert tok.shape == (2, (H // p) * (W // p), p * p * C)
+    assert torch.equal(unpatchify(tok, p, C, H // p, W // p), x)
+
+
+def test_patch_order_is_row_major_and_features_pqc():
+    x = torch.arange(2 * 4 * 6, dtype=torch.float32).reshape(1, 2, 4, 6)  # C=2, H=4, W=6
+    tok = patchify(x, 2)  # 2×3 grid of patches
+    assert tok.shape == (1, 6, 8)
+    # token 1 = row 0, col 1: pixels rows 0-1, cols 2-3; features ordered (p, q, c)
+    want = torch.stack([x[0, c, i, 2 + j] for i in range(2) for j in range(2) for c in range(2)])
+    assert torch.equal(tok[0, 1], want)
+    # token 3 = row 1, col 0
+    assert tok[0, 3, 0] == x[0, 0, 2, 0]
+
+
+@pytest.mark.parametrize("shape,p", [((1, 1, 28, 28), 3), ((1, 1, 28, 30), 4), ((1, 1, 9, 8), 2)])
+def test_patchify_not_divisible(shape, p):
+    with pytest.raises(ValueError, match="not divisible by patch size"):
+        patchify(torch.zeros(shape), p)
+
+
+def test_unpatchify_errors():
+    with pytest.raises(ValueError, match="token width"):
+        unpatchify(torch.zeros(1, 4, 5), 2, 1)
+    with pytest.raises(ValueError, match="grid"):
+        unpatchify(torch.zeros(1, 5, 4), 2, 1)
+
+
+def test_patch_embed_conv_equals_linear_on_patches():
+    pe = PatchEmbed(4, 3, 16)
+    x = torch.randn(2, 3, 12, 8)
+    lin = patchify(x, 4) @ pe.as_linear_weight().T + pe.proj.bias
+    assert torch.allclose(pe(x), lin, atol=1e-5)
+
+
+def test_sincos_2d_closed_form():
+    D, h, w = 16, 3, 5
+    table = sincos_2d(D, h, w)
+    assert table.shape == (h * w, D)
+    q = D // 4  # frequencies per (sin|cos) half of each axis
+    for i in range(h):
+        for j in range(w):
+            row = table[i * w + j]
+            for k in range(q):
+                om = 1.0 / 10000 ** (k / q)
+                assert math.isclose(row[k], math.sin(j * om), abs_tol=1e-6)  # column (x), sin
+                assert math.isclose(row[q + k], math.cos(j * om), abs_tol=1e-6)  # column, cos
+                assert math.isclose(row[2 * q + k], math.sin(i * om), abs_tol=1e-6)  # row (y), sin
+                assert math.isclose(row[3 * q + k], math.cos(i * om), abs_tol=1e-6)
+
+
+def test_sincos_matches_diffusers():
+    emb = pytest.importorskip("diffusers.models.embeddings")
+    ref = emb.get_2d_sincos_pos_embed(64, 7, base_size=7, output_type="pt")
+    assert torch.allclose(sincos_2d(64, 7), ref.float(), atol=1e-6)
+    ref_big = emb.get_2d_sincos_pos_embed(64, 12, base_size=4, output_type="pt")  # SD3-style scaled table
+    assert torch.allclose(sincos_2d(64, 12, base_size=4), ref_big.float(), atol=1e-6)
+
+
+def test_crop_is_the_centre_of_the_big_table():
+    D, S = 32, 9
+    big = sincos_2d(D, S)
+    crop = crop_pos_embed(big, S, 3, 5)
+    top, left = 3, 2
+    want = torch.stack([big[(top + i) * S + left + j] for i in range(3) for j in range(5)])
+    assert torch.equal(crop, want)
+    assert torch.equal(crop_pos_embed(big, S, S, S), big)
+    with pytest.raises(ValueError, match="does not fit"):
+        crop_pos_embed(big, S, 10, 2)
+
+
+def test_sincos_bad_dim():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(30, 4)
