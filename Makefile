@@ -5,6 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 OUT    ?= out/demo
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+NB_DIRS := $(wildcard notebooks solutions)
 
 .PHONY: setup demo test lint unit notebooks-test notebooks exercises lab lock clean
 
@@ -21,7 +22,7 @@ demo: $(STAMP)   ## train the flagship DiT on the bundled MNIST digits, sample, 
 test: $(STAMP)   ## every test: lint, unit tests, notebooks (nbval)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(NBVAL) notebooks solutions
+	$(BIN)/python -m pytest -q -p no:cacheprovider $(NBVAL) $(NB_DIRS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -30,7 +31,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 notebooks-test: $(STAMP)
-	$(BIN)/python -m pytest -q $(NBVAL) notebooks solutions
+	$(BIN)/python -m pytest -q $(NBVAL) $(NB_DIRS)
 
 notebooks: $(STAMP)   ## maintainers: re-execute and re-save every notebook (nbclient)
 	$(BIN)/python -m minidit.notebooks run notebooks solutions

@@ -50,7 +50,7 @@ def _add_train_overrides(p: argparse.ArgumentParser) -> None:
 
 def _train_config(recipe_train, args) -> object:
     names = ["steps", "batch_size", "lr", "warmup_steps", "ema_decay", "objective", "bf16", "grad_checkpointing",
-             "compile", "seed"]
+             "compile", "seed", "time_budget"]
     over = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
         return replace(recipe_train, **over)
@@ -90,7 +90,7 @@ def cmd_train(args) -> int:
             raise CLIError(f"--resume: no training checkpoint at {state_path}")
         trainer.load(state_path)
         print(f"resumed from step {trainer.step}", file=sys.stderr)
-    trainer.run(time_budget=args.time_budget, checkpoint_path=state_path, checkpoint_every=args.checkpoint_every)
+    trainer.run(checkpoint_path=state_path, checkpoint_every=args.checkpoint_every)
     if trainer.rank == 0:
         save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg),
                    dataset=args.dataset)
@@ -188,7 +188,7 @@ def cmd_demo(args) -> int:
           f"{cfg.steps} steps × {cfg.batch_size} images on {device} ({torch.get_num_threads()} threads)",
           file=sys.stderr)
     trainer = Trainer(model, x, y, cfg, device=device)
-    trainer.run(time_budget=args.time_budget)
+    trainer.run()
     save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg), recipe=args.recipe)
     plot_loss(trainer.history, out / "loss.png", title=f"minidit demo ({args.recipe})")
 
@@ -232,6 +232,25 @@ def cmd_classifier(args) -> int:
     save_classifier(args.out, model, info)
     print(f"held-out accuracy {info['held_out_accuracy']:.4f} → {args.out}")
     return 0
+
+
+# ---- grade, exercises, autograder (see minidit.grading) ----------------------------------------------------
+def cmd_grade(args) -> int:
+    from minidit.grading.cli import cmd_grade as run
+
+    return run(args)
+
+
+def cmd_exercises(args) -> int:
+    from minidit.grading.cli import cmd_exercises as run
+
+    return run(args)
+
+
+def cmd_autograder(args) -> int:
+    from minidit.grading.cli import cmd_autograder as run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -294,14 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.set_defaults(func=cmd_classifier)
 
+    from minidit.grading.cli import add_autograder_arguments, add_exercises_arguments, add_grade_arguments
+
+    g = sub.add_parser("grade", help="grade a submitted assignment notebook (score table, Gradescope results.json)")
+    add_grade_arguments(g)
+    g.set_defaults(func=cmd_grade)
+    x = sub.add_parser("exercises", help="regenerate exercises/ from solutions/ (same as `make exercises`)")
+    add_exercises_arguments(x)
+    x.set_defaults(func=cmd_exercises)
+    a = sub.add_parser("autograder", help="write a Gradescope autograder zip for an assignment")
+    add_autograder_arguments(a)
+    a.set_defaults(func=cmd_autograder)
+
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "time_budget", None) is not None and args.time_budget <= 0:
-        print("minidit: error: --time-budget must be > 0", file=sys.stderr)
-        return 2
     try:
         return args.func(args)
     except CLIError as e:

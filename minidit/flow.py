@@ -97,13 +97,20 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, steps: int = 20, shi
 
 @torch.no_grad()
 def heun_sample(velocity: VelocityFn, noise: torch.Tensor, steps: int = 10, shift: float = 1.0) -> torch.Tensor:
-    """Heun's second-order method (trapezoid predictor–corrector), NFE = 2·steps."""
+    """Heun's second-order method (trapezoid predictor–corrector), NFE = 2·steps − 1.
+
+    The last step (to t = 0) is a plain Euler step, as in EDM: the corrector would need v at t = 0 exactly,
+    a time the network almost never sees in training (logit-normal t puts ~no mass there).
+    """
     x = noise
     ts = timesteps(steps, shift, device=noise.device)
     for t_cur, t_next in zip(ts[:-1], ts[1:]):
         B = x.shape[0]
         v1 = velocity(x, t_cur.expand(B))
         x_pred = x + (t_next - t_cur) * v1
+        if t_next == 0:
+            x = x_pred
+            break
         v2 = velocity(x_pred, t_next.expand(B))
         x = x + (t_next - t_cur) * 0.5 * (v1 + v2)
     return x
@@ -112,18 +119,28 @@ def heun_sample(velocity: VelocityFn, noise: torch.Tensor, steps: int = 10, shif
 SAMPLERS = {"euler": euler_sample, "heun": heun_sample}
 
 
-def guided(model: torch.nn.Module, y: torch.Tensor, scale: float, **model_kwargs) -> VelocityFn:
+def guided(
+    model: torch.nn.Module,
+    y: torch.Tensor,
+    scale: float,
+    interval: tuple[float, float] | None = None,
+    **model_kwargs,
+) -> VelocityFn:
     """Classifier-free guidance as a velocity field: v = v_uncond + scale·(v_cond − v_uncond), on ALL channels.
 
     Conditional and unconditional predictions come from ONE batched forward ([x, x] with [y, null]).
     scale = 1 is the conditional model; scale = 0 the unconditional one. CFG mixes outputs; it does not
-    touch attention weights.
+    touch attention weights. With `interval = (lo, hi)` guidance applies only while lo ≤ t ≤ hi and the
+    plain conditional prediction is used elsewhere (guidance in a limited interval, Kynkäänniemi et al. 2024).
     """
+    if interval is not None and not 0 <= interval[0] <= interval[1] <= 1:
+        raise ValueError(f"interval must be (lo, hi) with 0 ≤ lo ≤ hi ≤ 1, got {interval}")
     null = torch.full_like(y, model.null_label)
     C = model.config.in_channels  # a learned-sigma model's extra output channels are not a velocity
 
     def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if scale == 1.0:
+        outside = interval is not None and not interval[0] <= float(t[0]) <= interval[1]
+        if scale == 1.0 or outside:
             return model(x, t, y, **model_kwargs)[:, :C]
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), **model_kwargs)
         cond, uncond = out[:, :C].chunk(2)  # guide every channel (DiT's code guided only 3 of 4, issue #41)
@@ -143,6 +160,7 @@ def sample(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     batch_size: int = 500,
+    cfg_interval: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Class-conditional samples (len(labels), C, H, W) in model space (images: [−1, 1], not clamped)."""
     if sampler not in SAMPLERS:
@@ -163,7 +181,7 @@ def sample(
     try:
         out = []
         for i in range(0, labels.shape[0], batch_size):
-            v = guided(model, labels[i : i + batch_size], cfg_scale)
+            v = guided(model, labels[i : i + batch_size], cfg_scale, cfg_interval)
             out.append(SAMPLERS[sampler](v, noise[i : i + batch_size], steps, shift))
     finally:
         model.train(was_training)

@@ -35,8 +35,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    lr_schedule: str = "constant"  # or "cosine" (decay to lr_min_ratio·lr at `steps`)
+    lr_schedule: str = "constant"  # or "cosine": decay to lr_min_ratio·lr by the end (steps or time budget)
     lr_min_ratio: float = 0.1
+    time_budget: float | None = None  # stop after this many seconds of training; the schedule then follows time
     ema_decay: float = 0.999
     grad_clip: float | None = 1.0
     objective: str = "flow"  # "flow" (rectified flow, v = ε − x0) or "ddpm" (ε-prediction)
@@ -59,6 +60,7 @@ class TrainConfig:
             "lr": self.lr > 0,
             "weight_decay": self.weight_decay >= 0,
             "warmup_steps": self.warmup_steps >= 0,
+            "time_budget": self.time_budget is None or self.time_budget > 0,
             "lr_schedule": self.lr_schedule in ("constant", "cosine"),
             "ema_decay": 0 <= self.ema_decay < 1,
             "grad_clip": self.grad_clip is None or self.grad_clip > 0,
@@ -158,12 +160,27 @@ class Trainer:
         return {"x0": self.images[idx[sl].to(d)], "y": self.labels[idx[sl].to(d)], "t": t[sl].to(d),
                 "noise": noise[sl].to(d), "drop_mask": drop[sl].to(d)}
 
-    def lr_at(self, step: int) -> float:
+    def progress(self) -> float:
+        """Fraction of the run done: by steps, or by training time when a time budget is set (whichever is further).
+
+        With a time budget the learning-rate schedule anneals on time, so a slower machine still ends its run
+        with a fully decayed learning rate. Under DDP every process uses rank 0's clock.
+        """
+        c = self.cfg
+        p = (self.step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
+        if c.time_budget is not None:
+            clock = torch.tensor([self.train_seconds], dtype=torch.float64, device=self.device)
+            if self.world > 1:
+                dist.broadcast(clock, src=0)
+            p = max(p, float(clock) / c.time_budget)
+        return min(1.0, max(0.0, p))
+
+    def lr_at(self, step: int, progress: float | None = None) -> float:
         c = self.cfg
         if step < c.warmup_steps:
             return c.lr * (step + 1) / c.warmup_steps
         if c.lr_schedule == "cosine":
-            p = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+            p = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)) if progress is None else progress
             return c.lr * (c.lr_min_ratio + (1 - c.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
         return c.lr
 
@@ -182,7 +199,7 @@ class Trainer:
         """One optimizer update on global batch `self.step`; returns the loss (mean over all processes)."""
         t0 = time.perf_counter()
         b = self.batch(self.step)
-        lr = self.lr_at(self.step)
+        lr = self.lr_at(self.step, self.progress() if self.cfg.lr_schedule != "constant" else None)
         for group in self.opt.param_groups:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
@@ -210,27 +227,32 @@ class Trainer:
     def run(
         self,
         steps: int | None = None,
-        time_budget: float | None = None,
         progress: bool = True,
         checkpoint_path: str | Path | None = None,
         checkpoint_every: int | None = None,
         callback: Callable[[Trainer], bool | None] | None = None,
     ) -> Trainer:
-        """Train until `steps` (default cfg.steps) or until `time_budget` seconds of training time are spent.
+        """Train until `steps` (default cfg.steps) or until cfg.time_budget seconds of training time are spent.
 
         `callback(trainer)` runs after every step outside the timed section; returning True stops training.
         """
         steps = self.cfg.steps if steps is None else steps
-        bar = tqdm(total=steps, initial=self.step, disable=not progress or self.rank != 0,
-                   desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        budget = self.cfg.time_budget
+        show = progress and self.rank == 0
+        if budget is None:  # the bar counts steps, or training seconds when the run is time-limited
+            bar = tqdm(total=steps, initial=self.step, disable=not show, desc="train", unit="step", file=sys.stderr)
+        else:
+            bar = tqdm(total=round(budget), initial=round(self.train_seconds), disable=not show, desc="train",
+                       unit="s", file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{postfix}]")
         try:
             while self.step < steps:
+                before = self.train_seconds
                 loss = self.train_step()
-                bar.update(1)
+                bar.update(1 if budget is None else min(self.train_seconds, budget) - min(before, budget))
                 if self.step % self.cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{loss:.4f}")
+                    bar.set_postfix_str(f"step {self.step}, loss {loss:.4f}")
                 stop = bool(callback(self)) if callback is not None else False
-                if time_budget is not None and self.train_seconds >= time_budget:
+                if budget is not None and self.train_seconds >= budget:
                     stop = True
                 if self.world > 1:  # every process must stop at the same step
                     flag = torch.tensor([float(stop)], device=self.device)

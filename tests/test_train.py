@@ -133,3 +133,11 @@ def test_torchrun_ddp_equals_single_process(tmp_path):
     for k, v in single.model.state_dict().items():
         assert torch.allclose(tensors[f"model.{k}"], v, atol=1e-5), k
     assert abs(meta["history"][-1]["loss"] - single.history[-1]["loss"]) < 1e-5
+
+
+def test_time_budget_stops_the_run_and_drives_the_schedule():
+    tr = make_trainer(replace(CFG, steps=10_000, time_budget=1.0, lr_schedule="cosine", warmup_steps=0))
+    tr.run(progress=False)
+    assert 1.0 <= tr.train_seconds < 1.0 + 5 * tr.train_seconds / tr.step + 0.5  # stops right after the budget
+    assert tr.step < 10_000
+    assert tr.progress() == 1.0 and tr.lr_at(tr.step, tr.progress()) == pytest.approx(CFG.lr * 0.1)

@@ -1,0 +1,97 @@
+"""Command-line front ends: `minidit grade|exercises|autograder` and `python -m minidit.grading …` (same options)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_grade_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("notebook", help="the submitted .ipynb (or a folder holding exactly one)")
+    p.add_argument("--assignment", help="e.g. A1_tokens or A1 (default: from the notebook's file name)")
+    p.add_argument("--json", dest="json_path", metavar="RESULTS_JSON", help="write Gradescope's results.json here")
+    p.add_argument("--tests", dest="tests_dir", metavar="DIR", help="extra (hidden) checks: DIR/*.py with CHECKS")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to execute the notebook (default 300)")
+    p.add_argument("--check-timeout", type=float, default=None, help="cap every check's own timeout (seconds)")
+    p.add_argument("--memory-mb", type=int, default=2048, help="memory for the submission's process (default 2048)")
+
+
+def cmd_grade(args) -> int:
+    from minidit.grading.grader import GradingError, format_table, grade_notebook, write_results
+
+    try:
+        results = grade_notebook(args.notebook, args.assignment, args.tests_dir, args.timeout, args.check_timeout,
+                                 args.memory_mb, args.json_path)
+    except GradingError as e:
+        if args.json_path:  # Gradescope shows the student a result even when the autograder is misconfigured
+            write_results({"score": 0.0, "output": f"The autograder could not grade this submission: {e}",
+                           "tests": []}, args.json_path)
+        print(f"minidit grade: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    return 0
+
+
+def add_exercises_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solutions", default="solutions", help="solution notebooks (default: solutions)")
+    p.add_argument("--out", default="exercises", help="where the exercises go (default: exercises)")
+    p.add_argument("--check", action="store_true", help="only report stale exercises (exit status 1 if any)")
+
+
+def cmd_exercises(args) -> int:
+    from minidit.grading.exercises import ExerciseError, make_exercises
+
+    try:
+        changed = make_exercises(args.solutions, args.out, check=args.check)
+    except ExerciseError as e:
+        print(f"make-exercises: error: {e}", file=sys.stderr)
+        return 2
+    for path in changed:
+        print(("stale: " if args.check else "wrote: ") + path)
+    if args.check and changed:
+        print("run `make exercises` (python -m minidit.grading make-exercises) to regenerate them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_autograder_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("assignment", help="e.g. A1_tokens or A1")
+    p.add_argument("--out", help="the zip to write (default: dist/<assignment>_autograder.zip)")
+    p.add_argument("--tests", dest="tests_dir", metavar="DIR", help="hidden checks to ship (DIR/*.py)")
+    p.add_argument("--repo", default=".", help="the minidit repository (default: .)")
+    p.add_argument("--timeout", type=float, default=600.0, help="notebook time limit on Gradescope (seconds)")
+
+
+def cmd_autograder(args) -> int:
+    from minidit.assignments import resolve_name
+    from minidit.grading.autograder import build_autograder
+
+    name = resolve_name(args.assignment)
+    out = args.out or f"dist/{name or args.assignment}_autograder.zip"
+    try:
+        path = build_autograder(args.assignment, out, args.repo, args.tests_dir, args.timeout)
+    except ValueError as e:
+        print(f"autograder: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}: upload it as the autograder of {name} on Gradescope")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minidit.grading", description="minidit's exercises and grader")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("grade", help="grade a submitted notebook")
+    add_grade_arguments(g)
+    g.set_defaults(func=cmd_grade)
+    e = sub.add_parser("make-exercises", help="regenerate exercises/ from solutions/")
+    add_exercises_arguments(e)
+    e.set_defaults(func=cmd_exercises)
+    a = sub.add_parser("autograder", help="write a Gradescope autograder zip for an assignment")
+    add_autograder_arguments(a)
+    a.set_defaults(func=cmd_autograder)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

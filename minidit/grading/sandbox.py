@@ -1,0 +1,345 @@
+"""The sandbox side of the grader (`python -m minidit.grading.sandbox`, started by the grader); it decides nothing.
+
+Process tree (all Linux processes, all talking JSON lines over two pipes):
+
+    grader (trusted: judges, writes results.json)
+      └─ zygote: imports torch, IPython, minidit once, runs no student code; a child subreaper
+           └─ sandbox (one per notebook run, forked): own session, memory/file-size limits, optional drop to
+              `nobody`; executes the notebook's code cells in an IPython shell, continuing past errors
+                └─ check child (one per check, forked from the executed sandbox): runs one probe, sends its raw
+                   output, exits; killed by the sandbox after the check's timeout
+
+The grader enforces every time limit again from outside (and kills the whole sandbox session), so a
+submission that breaks this side (kills it, patches it, floods the pipe) only loses its own points.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import resource
+import signal
+import sys
+import time
+import traceback
+import types
+
+NOBODY = 65534
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class Pipe:
+    """Newline-delimited JSON over a pair of file descriptors (blocking; the grader has its own reader)."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self.read_fd, self.write_fd, self.buf = read_fd, write_fd, b""
+        # bound before any student code runs (a notebook may patch os or json in its own process)
+        self._write, self._read, self._dumps, self._loads = os.write, os.read, json.dumps, json.loads
+
+    def send(self, msg: dict) -> None:
+        data = (self._dumps(msg) + "\n").encode()
+        while data:
+            data = data[self._write(self.write_fd, data):]
+
+    def recv(self) -> dict:
+        while b"\n" not in self.buf:
+            chunk = self._read(self.read_fd, 1 << 16)
+            if not chunk:
+                os._exit(0)  # the grader is gone
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return self._loads(line)
+
+
+def _preload() -> None:
+    """Import everything a notebook and the probes use, once, before any fork (and before dropping privileges)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
+    import numpy  # noqa: F401
+    import torch
+    import torch.nn.functional  # noqa: F401
+    from IPython.core.interactiveshell import InteractiveShell  # noqa: F401
+
+    import minidit.assignments
+    import minidit.attention  # noqa: F401
+    import minidit.blocks  # noqa: F401
+    import minidit.embed  # noqa: F401
+    import minidit.flow  # noqa: F401
+    import minidit.grading.checks  # noqa: F401
+    import minidit.models  # noqa: F401
+    import minidit.tokens  # noqa: F401
+
+    torch.set_num_threads(1)  # forking after a multi-threaded OpenMP region hangs the child
+    for name in minidit.assignments.ASSIGNMENTS.values():
+        __import__(name)
+    # Warm up what notebooks and probes use, so that lazy imports (a masked nn.MultiheadAttention imports sympy:
+    # 0.6 s) happen once here, not in every check's process, and not after dropping privileges.
+    x, mask = torch.randn(2, 4, 8, requires_grad=True), torch.tensor([[True, True, False, False]] * 2)
+    mha = torch.nn.MultiheadAttention(8, 2, kdim=4, vdim=4, batch_first=True)
+    mha(x, x[..., :4], x[..., :4], key_padding_mask=~mask)[0].sum().backward()
+    with torch.no_grad():
+        mha.eval()(x, x[..., :4], x[..., :4], key_padding_mask=~mask)
+    minidit.attention.CrossAttention(8, 4, 2)(x, x[..., :4], mask).sum().backward()
+    minidit.attention.attention(x[:, None], x[:, None], x[:, None], mask, return_weights=True)
+    torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=mask[:, None, :]).sum().backward()
+    shell = _new_shell()  # IPython imports a lot on first use (tracebacks, magics): warm it up, then discard it
+    warm_up = ["import torch\nx = torch.ones(2)\nx", "raise ValueError('warm-up')", "def f(:\n    pass", "%time y = 1",
+               "import sys\nsys.exit(0)", "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.show()"]
+    for cell in warm_up:
+        shell.run_cell(cell, store_history=False)
+    type(shell).clear_instance()
+
+
+def _vm_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def kill_children() -> None:
+    """SIGKILL and reap every child of this process (as a subreaper: every orphaned descendant) until none is left."""
+    for _ in range(100):
+        kids = _children(os.getpid())
+        if not kids:
+            return
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except OSError:
+                pass
+        _reap()
+        time.sleep(0.005)
+
+
+def _reap() -> None:
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants (a submission's daemons) are re-parented to this process, which can then kill them."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+# ---- zygote --------------------------------------------------------------------------------------------------
+def zygote(pipe: Pipe) -> None:
+    import minidit.grading.checks as checks
+
+    trusted = {"source": open(checks.__file__, encoding="utf-8").read(), "filename": checks.__file__}
+    become_subreaper()
+    pipe.send({"type": "zygote", "pid": os.getpid()})
+    while True:
+        req = pipe.recv()
+        if req.get("type") == "quit":
+            kill_children()
+            os._exit(0)
+        if req.get("type") != "spawn":
+            continue  # a request meant for a sandbox that died before reading it
+        kill_children()
+        pid = os.fork()
+        if pid == 0:
+            _sandbox(req, pipe, trusted)  # never returns
+        pipe.send({"type": "spawned", "pid": pid})
+        _, status = os.waitpid(pid, 0)
+        kill_children()  # escaped daemons were re-parented here
+        pipe.send({"type": "sandbox_exit", "pid": pid, "status": status})
+
+
+# ---- sandbox -------------------------------------------------------------------------------------------------
+def _limit(memory_mb: int) -> None:
+    budget = _vm_bytes() + memory_mb * (1 << 20)  # torch's CUDA build maps GBs of address space it never uses
+    resource.setrlimit(resource.RLIMIT_AS, (budget, budget))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 30, 1 << 30))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a too-large write fails with an error instead of a kill
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")  # if the machine runs out of memory, the kernel kills the sandbox first
+    except OSError:
+        pass
+
+
+def _drop_privileges(workdir: str) -> None:
+    os.chown(workdir, NOBODY, NOBODY)
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def _new_shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    cfg = Config()
+    cfg.HistoryManager.enabled = False
+    cfg.InteractiveShell.colors = "nocolor"
+    return InteractiveShell.instance(config=cfg)
+
+
+def _make_shell():
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_num_threads = lambda n: None  # keep one thread: forking after a parallel region hangs the check
+    torch.set_num_interop_threads = lambda n: None
+    return _new_shell()
+
+
+def _run_cell(shell, source: str) -> str | None:
+    try:
+        r = shell.run_cell(source, store_history=False)
+        err = r.error_before_exec or r.error_in_exec
+    except BaseException as e:  # noqa: BLE001 — IPython itself failed; report and go on
+        err = e
+    if err is None:
+        return None
+    try:
+        return f"{type(err).__name__}: {err}"[:300]
+    except BaseException:  # noqa: BLE001 — a hostile __str__
+        return type(err).__name__[:100]
+
+
+def _sandbox(req: dict, pipe: Pipe, checks_spec: dict) -> None:
+    """Execute the notebook, then serve check requests until told to quit (runs in the forked sandbox).
+
+    `checks_spec` is the source of minidit.grading.checks as read before any student code ran: each check's
+    process executes it afresh, so patching the checks module (or the assignment's) in the notebook changes nothing.
+    """
+    try:
+        os.setsid()
+        _limit(int(req["memory_mb"]))
+        if req.get("drop"):
+            _drop_privileges(req["workdir"])
+        os.chdir(req["workdir"])
+        os.environ["HOME"] = req["workdir"]
+        shell = _make_shell()
+        run_check, load = _check_child, load_check_module  # bound now: the notebook may patch this module
+        skip = set(req["skip"])
+        for i, src in enumerate(req["cells"]):
+            if i in skip:
+                continue
+            pipe.send({"type": "cell", "index": i, "event": "start"})
+            pipe.send({"type": "cell", "index": i, "event": "end", "error": _run_cell(shell, src)})
+        pipe.send({"type": "executed"})
+        fork, waitpid, monotonic, sleep = os.fork, os.waitpid, time.monotonic, time.sleep
+        while True:
+            r = pipe.recv()
+            if r.get("type") != "check":
+                os._exit(0)
+            pid = fork()
+            if pid == 0:
+                run_check(r, shell.user_ns, req["modules"], pipe, checks_spec, load)
+            deadline, timed_out = monotonic() + float(r["timeout"]), False
+            while True:
+                done, status = waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                if monotonic() > deadline:
+                    _kill_group(pid)
+                    _, status = waitpid(pid, 0)
+                    timed_out = True
+                    break
+                sleep(0.002)
+            pipe.send({"type": "check_exit", "seq": r["seq"], "status": status, "timed_out": timed_out})
+    except BaseException:  # noqa: BLE001
+        traceback.print_exc()
+    os._exit(70)
+
+
+def _kill_group(pid: int) -> None:
+    for kill in (os.killpg, os.kill):
+        try:
+            kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def load_check_module(key: str, spec: dict) -> types.ModuleType:
+    """A fresh module object executed from the check module's source (as read by the grader)."""
+    mod = types.ModuleType(key)
+    mod.__file__ = spec["filename"]
+    sys.modules[key] = mod
+    exec(compile(spec["source"], spec["filename"], "exec"), mod.__dict__)
+    return mod
+
+
+def _check_child(r: dict, ns: dict, modules: dict, pipe: Pipe, checks_spec: dict, load) -> None:
+    """Run one probe and send its raw output (runs in the forked check child; never returns)."""
+    msg = {"type": "result", "seq": r["seq"]}
+    try:
+        os.setpgid(0, 0)
+        import torch
+
+        encode = load("minidit.grading.checks", checks_spec).encode  # fresh: the notebook may have patched it
+        check = load(r["module"], modules[r["module"]]).CHECKS[r["index"]]
+        if check.name != r["name"]:
+            raise RuntimeError(f"check #{r['index']} of {r['module']} is {check.name!r}, not {r['name']!r}")
+        args = {}
+        for name in check.needs:
+            if name not in ns:
+                msg["missing"] = name
+                break
+            obj = ns[name]
+            origin = getattr(obj, "__module__", "__main__") if isinstance(obj, (type, types.FunctionType)) else None
+            if origin not in (None, "__main__"):
+                msg["foreign"] = [name, str(origin)]
+                break
+            args[name] = obj
+        else:
+            torch.manual_seed(0)
+            msg["value"] = encode(check.probe(**args))
+    except BaseException as e:  # noqa: BLE001 — SystemExit, KeyboardInterrupt … are the submission's errors too
+        msg["error"] = _short_traceback(e)
+    try:
+        pipe.send(msg)
+    except BaseException:  # noqa: BLE001
+        pass
+    os._exit(0)
+
+
+def _short_traceback(e: BaseException) -> str:
+    """The exception first, then its last frames (without the sandbox's own)."""
+    try:
+        head = f"{type(e).__name__}: {e}"[:500]
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if f.filename != __file__ and not f.filename.endswith(os.path.join("nn", "modules", "module.py"))]
+        frames = frames[-4:]
+        return (head + "\n" + "".join(traceback.format_list(frames)))[:1500]
+    except BaseException:  # noqa: BLE001 — a hostile __str__
+        return type(e).__name__[:100]
+
+
+def main(argv: list[str]) -> None:
+    read_fd, write_fd = int(argv[0]), int(argv[1])
+    _preload()
+    zygote(Pipe(read_fd, write_fd))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
