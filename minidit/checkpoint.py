@@ -64,8 +64,8 @@ def read_meta(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+        head = f.read(9)  # safetensors: 8-byte little-endian header length, then the JSON header ('{')
+    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise CheckpointError(f"{path} is a pickle/zip (torch.save) file; minidit only reads safetensors and "
                               "never unpickles. Convert it with safetensors.torch.save_file.")
     try:

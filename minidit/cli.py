@@ -45,13 +45,15 @@ def _add_train_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", default=None)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--seed", type=int)
-    g.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
+    g.add_argument("--time-budget", type=float, help="stop after this many seconds of training (0: none, train for --steps)")
 
 
 def _train_config(recipe_train, args) -> object:
     names = ["steps", "batch_size", "lr", "warmup_steps", "ema_decay", "objective", "bf16", "grad_checkpointing",
              "compile", "seed", "time_budget"]
     over = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if over.get("time_budget") == 0:  # --time-budget 0: no budget, train for --steps
+        over["time_budget"] = None
     try:
         return replace(recipe_train, **over)
     except ValueError as e:

@@ -80,10 +80,12 @@ CONFIGS: dict[str, DiTConfig] = {
     for name, (d, w, h) in _SIZES.items()
     for p in (2, 4, 8)
 }
-# CPU-sized models for 28×28 MNIST (the course's flagship is `mnist-s4`, chosen by benchmarks/time_to_quality.py).
+# CPU-sized models for 28×28 MNIST (the flagship recipe uses `mnist-p7`: 16 tokens of 7×7 pixels, chosen by
+# benchmarks/time_to_quality.py — on 2 CPU cores it reaches far more training images in 3 minutes than patch 4).
 CONFIGS.update(
     {
         "mnist-tiny": DiTConfig(patch_size=4, dim=64, depth=2, num_heads=2),
+        "mnist-p7": DiTConfig(patch_size=7, dim=128, depth=4, num_heads=4),
         "mnist-s4": DiTConfig(patch_size=4, dim=192, depth=6, num_heads=6),
         "mnist-s2": DiTConfig(patch_size=2, dim=128, depth=6, num_heads=4),
     }

@@ -243,7 +243,7 @@ class Trainer:
             bar = tqdm(total=steps, initial=self.step, disable=not show, desc="train", unit="step", file=sys.stderr)
         else:
             bar = tqdm(total=round(budget), initial=round(self.train_seconds), disable=not show, desc="train",
-                       unit="s", file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total} s [{postfix}]")
+                       unit="s", file=sys.stderr, bar_format="{l_bar}{bar}| {n:.0f}/{total} s{postfix}")
         try:
             while self.step < steps:
                 before = self.train_seconds

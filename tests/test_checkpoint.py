@@ -1,5 +1,6 @@
 import json
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,23 @@ def test_wrong_kind_and_mismatched_weights(tmp_path):
 def test_path_must_be_safetensors(tmp_path):
     with pytest.raises(ValueError, match=".safetensors"):
         ck.save_checkpoint(tmp_path / "a.pt", {}, {"kind": "x"})
+
+
+def test_header_length_that_looks_like_a_pickle_byte(tmp_path):
+    """A valid checkpoint whose 8-byte header length starts with 0x80 (pickle's opcode) or 'PK' still loads."""
+
+    def save(pad: int) -> tuple[Path, int]:
+        path = ck.save_checkpoint(tmp_path / "c.safetensors", {"w": torch.ones(2)}, {"kind": "x", "pad": "p" * pad})
+        return path, int.from_bytes(path.read_bytes()[:8], "little")
+
+    _, base = save(0)
+    for target, mod in ((0x80, 256), (0x4B50, 65536)):  # b"\x80", b"PK"
+        start = (target - base) % mod
+        for pad in range(max(0, start - 16), start + 16):  # header is padded to a multiple of 8 bytes
+            path, n = save(pad)
+            if n % mod == target:
+                break
+        else:
+            pytest.fail(f"no padding made the header length {target:#x} mod {mod}")
+        tensors, meta = ck.load_checkpoint(path, kind="x")
+        assert torch.equal(tensors["w"], torch.ones(2)) and meta["pad"] == "p" * pad
