@@ -45,7 +45,8 @@ def _add_train_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-checkpointing", action="store_true", default=None)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--seed", type=int)
-    g.add_argument("--time-budget", type=float, help="stop after this many seconds of training (0: none, train for --steps)")
+    g.add_argument("--time-budget", type=float,
+                   help="stop after this many seconds of training (0: no budget, train for --steps)")
 
 
 def _train_config(recipe_train, args) -> object:
