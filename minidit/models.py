@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minidit.blocks import DiTBlock, FinalLayer
+from minidit.attention import ATTENTION_OPTIONS, check_attention_options
+from minidit.blocks import CONDITIONING_BLOCKS, DiTBlock, FinalLayer, PlainFinalLayer
 from minidit.embed import LabelEmbedder, TimestepEmbedder
 from minidit.tokens import PatchEmbed, sincos_2d, unpatchify
 
@@ -29,6 +30,12 @@ class DiTConfig:
     learn_sigma: bool = False  # DiT's ImageNet models also predict a variance (doubles the output channels)
     context_dim: int | None = None  # cross-attention to a token sequence of this width (text)
     qk_norm: bool = False
+    # how t and y enter the blocks (DiT Table 4): "adaln-zero" (DiTBlock), "adaln", "cross-attention", "in-context"
+    conditioning: str = "adaln-zero"
+    # attention variant (adaln-zero only): keyword options of minidit.attention.Attention — n_kv_heads, rope, alibi,
+    # window, global_tokens (notebook 12). None = plain multi-head attention as in DiT. With rope or alibi the
+    # blocks get relative positions and the absolute sin-cos table is not added.
+    attn: dict | None = None
 
     def __post_init__(self):
         checks = {
@@ -42,13 +49,23 @@ class DiTConfig:
             "num_classes": self.num_classes >= 1,
             "class_dropout": 0 <= self.class_dropout < 1,
             "context_dim": self.context_dim is None or self.context_dim >= 1,
+            "conditioning": self.conditioning in CONDITIONING_BLOCKS
+            and (self.conditioning == "adaln-zero" or (self.context_dim is None and not self.qk_norm)),
         }
+        checks["attn"] = self.attn is None or (isinstance(self.attn, dict) and self.conditioning == "adaln-zero")
         bad = [k for k, ok in checks.items() if not ok]
+        if not bad and self.attn is not None:
+            unknown = set(self.attn) - set(ATTENTION_OPTIONS)
+            if unknown:
+                raise ValueError(f"unknown DiTConfig.attn option(s) {sorted(unknown)}; choose from {ATTENTION_OPTIONS}")
+            grid = self.input_size // self.patch_size
+            check_attention_options(self.num_heads, self.dim // self.num_heads, grid, **self.attn)
         if bad:
             raise ValueError(
                 f"invalid DiTConfig field(s) {bad}: "
                 + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
-                + " (need input_size % patch_size == 0, dim % 4 == 0, dim % num_heads == 0, class_dropout in [0, 1))"
+                + " (need input_size % patch_size == 0, dim % 4 == 0, dim % num_heads == 0, class_dropout in [0, 1),"
+                + f" conditioning in {list(CONDITIONING_BLOCKS)}; text context and qk_norm only with adaln-zero)"
             )
 
     @property
@@ -113,12 +130,22 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(c.dim)
         self.y_embedder = LabelEmbedder(c.num_classes, c.dim, c.class_dropout)
         grid = c.input_size // c.patch_size
-        self.register_buffer("pos_embed", sincos_2d(c.dim, grid).unsqueeze(0), persistent=False)  # (1, T, D)
-        self.blocks = nn.ModuleList(
-            DiTBlock(c.dim, c.num_heads, c.mlp_ratio, context_dim=c.context_dim, qk_norm=c.qk_norm)
-            for _ in range(c.depth)
-        )
-        self.final_layer = FinalLayer(c.dim, c.patch_size, c.out_channels)
+        pos = sincos_2d(c.dim, grid)  # (T, D)
+        attn_options = None if c.attn is None else {**c.attn, "grid": grid}
+        if c.attn is not None and (c.attn.get("rope") or c.attn.get("alibi")):
+            pos = torch.zeros_like(pos)  # relative positions live in the attention instead
+        self.register_buffer("pos_embed", pos.unsqueeze(0), persistent=False)  # (1, T, D)
+        if c.conditioning == "adaln-zero":
+            self.blocks = nn.ModuleList(
+                DiTBlock(c.dim, c.num_heads, c.mlp_ratio, context_dim=c.context_dim, qk_norm=c.qk_norm,
+                         attn_options=attn_options)
+                for _ in range(c.depth)
+            )
+        else:  # the conditioning ablation's other variants (see DiTConfig.conditioning)
+            block = CONDITIONING_BLOCKS[c.conditioning]
+            self.blocks = nn.ModuleList(block(c.dim, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
+        final = FinalLayer if c.conditioning in ("adaln-zero", "adaln") else PlainFinalLayer
+        self.final_layer = final(c.dim, c.patch_size, c.out_channels)
         self.grad_checkpointing = False
         self.init_weights()
 
@@ -166,25 +193,46 @@ class DiT(nn.Module):
         drop_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.check_inputs(x, t, y)
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y, drop_mask)  # (B, D)
+        # (B, T, D), made contiguous: the patch conv's output is a transposed view, and a strided residual
+        # stream would make every LayerNorm copy its input (forward and backward)
+        tokens = (self.x_embedder(x) + self.pos_embed).contiguous()
+        t_emb, y_emb = self.t_embedder(t), self.y_embedder(y, drop_mask)  # (B, D) each
+        c = t_emb + y_emb  # (B, D)
+        if self.config.conditioning == "in-context":
+            tokens = torch.cat([torch.stack([t_emb, y_emb], dim=1), tokens], dim=1)  # (B, 2 + T, D)
+        elif self.config.conditioning == "cross-attention":
+            context = torch.stack([t_emb, y_emb], dim=1)  # (B, 2, D): the keys/values of every block
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
             else:
                 tokens = block(tokens, c, context, context_mask)
+        if self.config.conditioning == "in-context":
+            tokens = tokens[:, 2:]  # (B, T, D): drop the two condition tokens before the final layer
         out = self.final_layer(tokens, c)  # (B, T, p·p·C_out)
         return unpatchify(out, self.config.patch_size, self.config.out_channels)  # (B, C_out, H, W)
 
 
 # ---- saving and loading models ---------------------------------------------------------------------------
 MODEL_CLASSES: dict[str, tuple[type[nn.Module], type]] = {"DiT": (DiT, DiTConfig)}
+# Model classes defined in modules that import this one (minidit.t2i subclasses DiT): (module, class, config
+# class), imported on first use by `build_model` so that `load_model` can build them without a circular import.
+LAZY_MODEL_CLASSES: dict[str, tuple[str, str, str]] = {
+    "MMDiT": ("minidit.mmdit", "MMDiT", "MMDiTConfig"),
+    "TextToImage": ("minidit.t2i", "TextToImage", "T2IConfig"),
+}
 
 
 def build_model(name: str, config: dict) -> nn.Module:
-    """Instantiate a registered model class (`DiT`, …) from its config dict."""
+    """Instantiate a registered model class (`DiT`, `MMDiT`, `TextToImage`, …) from its config dict."""
+    if name not in MODEL_CLASSES and name in LAZY_MODEL_CLASSES:
+        import importlib
+
+        module, cls_name, cfg_name = LAZY_MODEL_CLASSES[name]
+        mod = importlib.import_module(module)
+        MODEL_CLASSES[name] = (getattr(mod, cls_name), getattr(mod, cfg_name))
     if name not in MODEL_CLASSES:
-        raise ValueError(f"unknown model class {name!r}; known: {sorted(MODEL_CLASSES)}")
+        raise ValueError(f"unknown model class {name!r}; known: {sorted({**MODEL_CLASSES, **LAZY_MODEL_CLASSES})}")
     cls, cfg_cls = MODEL_CLASSES[name]
     return cls(cfg_cls.from_dict(config))
 

@@ -108,3 +108,62 @@ class AttentionRecorder:
     def by_name(self, name: str) -> list[torch.Tensor]:
         """All recorded weights of one module, in call order."""
         return [w for n, w in self.records if n == name]
+
+
+# ---- attention maps over images (text-to-image) ----------------------------------------------------------------
+def upsample_map(word_map: torch.Tensor, size: int) -> torch.Tensor:
+    """A token map (T,) or (h, w) over a square patch grid → (size, size), each patch's value spread over its pixels."""
+    if word_map.ndim == 1:
+        side = int(round(word_map.numel() ** 0.5))
+        if side * side != word_map.numel():
+            raise ValueError(f"a flat map needs a square number of tokens, got {word_map.numel()}")
+        word_map = word_map.reshape(side, side)
+    if word_map.ndim != 2 or size % word_map.shape[0] or size % word_map.shape[1]:
+        raise ValueError(f"map {tuple(word_map.shape)} does not tile a {size}×{size} image")
+    up = torch.nn.functional.interpolate(word_map[None, None].float(), size=(size, size), mode="nearest")
+    return up[0, 0]
+
+
+def overlay_attention(image: torch.Tensor, word_map: torch.Tensor, ax=None, title: str | None = None,
+                      alpha: float = 0.55, vmax: float | None = None):
+    """Draw an image (C, H, W) in [−1, 1] with a word's attention map (T,) on top as a heat map; returns the axes."""
+    import matplotlib.pyplot as plt
+
+    if image.ndim != 3:
+        raise ValueError(f"expected one image (C, H, W), got {tuple(image.shape)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(2, 2))
+    img = ((image.detach().float().cpu().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()  # (H, W, C) in [0, 1]
+    ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+    heat = upsample_map(word_map.detach().float().cpu(), image.shape[-1]).numpy()
+    ax.imshow(heat, cmap="inferno", alpha=alpha, vmin=0, vmax=float(heat.max()) if vmax is None else vmax)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=8)
+    return ax
+
+
+def show_attention_grid(images: torch.Tensor, maps: torch.Tensor, row_titles: list[str] | None = None,
+                        col_titles: list[str] | None = None, cell: float = 1.6, alpha: float = 0.55):
+    """A grid of overlays: maps (R, C, T) over images (C, ch, H, W) (one image per column) or (ch, H, W) (the same
+    image everywhere). E.g. rows = layers, columns = sampling steps. Each map is scaled to its own maximum."""
+    import matplotlib.pyplot as plt
+
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (rows, cols, T), got {tuple(maps.shape)}")
+    R, C, _ = maps.shape
+    if images.ndim == 3:
+        images = images.unsqueeze(0).expand(C, *images.shape)
+    if images.shape[0] != C:
+        raise ValueError(f"need one image per column ({C}), got {images.shape[0]}")
+    fig, axes = plt.subplots(R, C, figsize=(cell * C, cell * R), squeeze=False)
+    for r in range(R):
+        for c in range(C):
+            overlay_attention(images[c], maps[r, c], ax=axes[r, c], alpha=alpha)
+            if r == 0 and col_titles:
+                axes[r, c].set_title(col_titles[c], fontsize=8)
+        if row_titles:
+            axes[r, 0].text(-0.08, 0.5, row_titles[r], transform=axes[r, 0].transAxes, ha="right", va="center",
+                            fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -260,6 +260,49 @@ WRONG = {
               "            nn.init.zeros_(zeroed.bias)\n")],
             "at initialisation the adaLN"),
     },
+    "A8_joint_attention": {
+        "two cross-attentions, no text→text / image→image": (
+            [("    out = scores.softmax(dim=-1) @ v  # (B, H, L+T, d)\n",
+              "    scores[:, :, :L, :L] = float('-inf')\n    scores[:, :, L:, L:] = float('-inf')\n"
+              "    out = scores.softmax(dim=-1) @ v  # (B, H, L+T, d)\n")],
+            "joint_attention: concatenate"),
+        "text queries blind to image keys": (
+            [("    out = scores.softmax(dim=-1) @ v  # (B, H, L+T, d)\n",
+              "    scores[:, :, :L, L:] = float('-inf')\n    out = scores.softmax(dim=-1) @ v  # (B, H, L+T, d)\n")],
+            "joint_attention: information flows both ways"),
+        "a softmax per modality": (
+            [("    out = scores.softmax(dim=-1) @ v  # (B, H, L+T, d)\n",
+              "    w = torch.cat([scores[..., :L].softmax(-1), scores[..., L:].softmax(-1)], dim=-1) / 2\n"
+              "    out = w @ v\n")],
+            "joint_attention: concatenate"),
+        "text padding mask ignored": (
+            [('        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))\n', "")],
+            "joint_attention: the text padding mask"),
+        "no 1/sqrt(d) scaling": (
+            [(" / math.sqrt(q.shape[-1])  # (B, H, L+T, L+T)", "  # (B, H, L+T, L+T)")],
+            "joint_attention: concatenate"),
+        "split at T instead of L": (
+            [("    return out[:, :, :L], out[:, :, L:]\n", "    return out[:, :, :T], out[:, :, T:]\n")],
+            "joint_attention: concatenate"),
+        "one qkv for both modalities": (
+            [("        q_t, k_t, v_t = heads(self.qkv_txt, txt)\n",
+              "        q_t, k_t, v_t = heads(self.qkv_img, txt)\n")],
+            "JointAttention: the package"),
+        "qkv split as (heads, 3) instead of (3, heads)": (
+            [("reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)",
+              "reshape(B, N, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)")],
+            "JointAttention: the package"),
+        "QK-norm shared by the two modalities": (
+            [("self.q_norm_img, self.k_norm_img, self.q_norm_txt, self.k_norm_txt = norm(), norm(), norm(), norm()",
+              "self.q_norm_img, self.k_norm_img = norm(), norm()\n"
+              "        self.q_norm_txt, self.k_norm_txt = self.q_norm_img, self.k_norm_img")],
+            "JointAttention(qk_norm=True)"),
+        "pre-only block keeps a text projection": (
+            [("        self.proj_txt = None if pre_only else nn.Linear(dim, dim)\n",
+              "        self.proj_txt = nn.Linear(dim, dim)\n"),
+             ("        out_txt = None if self.pre_only else self.proj_txt(", "        out_txt = self.proj_txt(")],
+            "JointAttention(pre_only=True)"),
+    },
 }
 CASES = [(name, label) for name, wrongs in WRONG.items() for label in wrongs]
 

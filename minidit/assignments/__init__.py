@@ -17,6 +17,9 @@ ASSIGNMENTS: dict[str, str] = {
     "A3_attention": "minidit.assignments.a3_attention",
     "A4_rectified_flow": "minidit.assignments.a4_rectified_flow",
     "A5_seed_bug_hunt": "minidit.assignments.a5_seed_bug_hunt",
+    "A6_vae": "minidit.assignments.a6_vae",
+    "A7_ddpm": "minidit.assignments.a7_ddpm",
+    "A8_joint_attention": "minidit.assignments.a8_joint_attention",
 }
 
 

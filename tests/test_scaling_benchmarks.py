@@ -1,0 +1,131 @@
+"""The scaling benchmarks' own logic: gpu_check's CPU side (no CUDA here: clean exit, argument checks, MFU
+arithmetic, the timing code run on the CPU) and smoke runs of throughput, cost_model, memory_time and
+attention_variants in a further-shrunk --quick mode (the figures come from full runs in benchmarks/results/)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from minidit.cost import train_flops_per_image
+from minidit.models import get_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- gpu_check ------------------------------------------------------------------------------------------------
+def test_gpu_check_without_cuda_says_so_and_does_nothing(tmp_path, monkeypatch, capsys):
+    gc = load("gpu_check")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    called = []
+    monkeypatch.setattr(gc, "run_device_tests", lambda *a, **k: called.append(a))
+    out = tmp_path / "g.json"
+    assert gc.main(["--json", str(out)]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    assert json.loads(out.read_text())["skipped"] is True and not called
+
+
+def test_gpu_check_arguments():
+    gc = load("gpu_check")
+    a = gc.parse_args([])
+    assert (a.config, a.batch, a.steps, a.warmup, a.no_compile) == ("DiT-S/2", 256, 50, 5, False)
+    q = gc.parse_args(["--quick"])
+    assert (q.steps, q.warmup) == (20, 3)
+    for bad in (["--batch", "0"], ["--steps", "0"], ["--config", "DiT-Q/3"]):
+        with pytest.raises(SystemExit):
+            gc.parse_args(bad)
+
+
+def test_gpu_check_mfu_arithmetic():
+    gc = load("gpu_check")
+    flops = train_flops_per_image(get_config("DiT-S/2"))
+    assert flops == pytest.approx(3 * 12.111e9, rel=1e-3)
+    s = gc.throughput_summary(batch=256, steps=10, seconds=0.5, flops_per_image=flops, peak_flops=800e12)
+    assert s["images_per_s"] == 5120.0 and s["step_ms"] == 50.0
+    assert s["mfu"] == pytest.approx(5120 * flops / 800e12, abs=1e-4)
+    assert s["model_tflops_per_s"] == pytest.approx(5120 * flops / 1e12, abs=0.01)
+    with pytest.raises(ValueError):
+        gc.throughput_summary(1, 1, 0.0, flops, 1e12)
+
+
+def test_gpu_check_timing_code_runs_on_cpu(tmp_path):
+    """The throughput part (package Trainer step and bare step) on the CPU with a tiny model, no compile."""
+    gc = load("gpu_check")
+    out = tmp_path / "g.json"
+    code = gc.main(["--device", "cpu", "--skip-tests", "--config", "mnist-tiny", "--batch", "8", "--steps", "2",
+                    "--warmup", "1", "--no-compile", "--quick", "--json", str(out)])
+    assert gc.bare_step_seconds(gc.get_config("DiT-S/2", learn_sigma=False, depth=1), 2, 1, 1, torch.device("cpu"),
+                                compile=False) > 0  # the real config's shapes go through the flow loss
+    res = json.loads(out.read_text())
+    assert code == 0
+    for run in ("package", "bare"):
+        assert res["throughput"][run]["images_per_s"] > 0 and 0 < res["throughput"][run]["mfu"] < 2
+    assert res["throughput"]["tokens"] == 49 and res["bf16_matmul_peak_tflops"] > 0
+
+
+# ---- smoke runs (tiny configs patched in) -------------------------------------------------------------------------
+def test_throughput_smoke_writes_ratios_and_mfu(tmp_path, monkeypatch):
+    tp = load("throughput")
+    monkeypatch.setattr(tp, "course_configs", lambda quick: [("flagship", get_config("mnist-tiny"), 4)])
+    monkeypatch.setattr(tp, "measure_peaks", lambda seconds: {"float32": 1e11, "bfloat16": 2e11})
+    out = tmp_path / "t.json"
+    assert tp.main(["--quick", "--rounds", "2", "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    impls = {(r["model"], r["impl"], r["dtype"]) for r in res["rows"]}
+    for dtype in ("fp32", "bf16"):
+        assert {("DiT", "minidit", dtype), ("DiT", "diffusers", dtype), ("MMDiT", "minidit", dtype),
+                ("MMDiT", "diffusers", dtype), ("DiT", "Trainer.train_step", dtype)} <= impls
+    ratios = res["ratios_vs_diffusers"]
+    assert len(ratios) == 4 and all(r["speedup_vs_diffusers"] > 0 for r in ratios)
+    r = res["rows"][0]
+    assert r["mfu_vs_fp32_peak"] == pytest.approx(r["images_per_s"] * r["train_gflops_per_image"] * 1e9 / 1e11,
+                                                  rel=1e-3)
+    assert res["flagship_best"]["impl"] in ("minidit", "Trainer.train_step")
+
+
+def test_cost_model_smoke(tmp_path, monkeypatch):
+    cm = load("cost_model")
+    tiny = [("T=16", get_config("mnist-tiny", input_size=16), 4), ("T=64", get_config("mnist-tiny", input_size=32), 2)]
+    monkeypatch.setattr(cm, "check_configs", lambda quick: tiny)
+    out = tmp_path / "c.json"
+    assert cm.main(["--quick", "--threads", "1", "--json", str(out), "--plot", str(tmp_path / "c.png")]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["model_table"]) == len(cm.RESOLUTIONS) * len(cm.SPACES)
+    for r in res["measured"]:
+        assert 0.7 < r["peak_ratio"] < 1.3 and 0.8 < r["activation_ratio"] < 1.2
+    assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_memory_time_smoke(tmp_path, monkeypatch):
+    mt = load("memory_time")
+    monkeypatch.setattr(mt, "bench_configs", lambda quick: [("tiny", get_config("mnist-tiny"), 8)])
+    out = tmp_path / "m.json"
+    assert mt.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["settings"]
+    assert [r["setting"] for r in rows] == list(mt.SETTINGS)
+    peak = {r["setting"]: r["peak_step_mb"] for r in rows}
+    assert peak["fp32+ckpt"] < peak["fp32"] and peak["bf16"] < peak["fp32"]
+
+
+@pytest.mark.slow
+def test_attention_variants_smoke(tmp_path, monkeypatch):
+    av = load("attention_variants")
+    monkeypatch.setattr(av, "SPEED_MODEL", dict(patch_size=2, dim=32, depth=1, num_heads=4))
+    monkeypatch.setattr(av, "QUALITY_MODEL", dict(patch_size=2, dim=32, depth=1, num_heads=4))
+    out = tmp_path / "a.json"
+    assert av.main(["--quick", "--steps", "2", "--n", "10", "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["variant"] for r in res["speed"]] == list(av.VARIANTS) == [r["variant"] for r in res["quality"]]
+    flops = {r["variant"]: r["forward_gflops_per_image"] for r in res["speed"]}
+    assert flops["window7"] < flops["mha"] and flops["gqa-1kv"] < flops["mha"] == flops["rope-2d"]

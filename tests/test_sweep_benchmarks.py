@@ -1,0 +1,74 @@
+"""Smoke runs of the NFE sweep, conditioning ablation, VAE rate–distortion and latent-vs-pixel benchmarks.
+
+Each runs its --quick mode further shrunk (a few steps, N = 20) and checks the JSON it writes has the promised
+rows and fields; the figures themselves come from the full runs committed under benchmarks/results/.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_nfe_sweep_writes_every_method_and_nfe(tmp_path):
+    out = tmp_path / "nfe.json"
+    load("nfe_sweep").main(["--quick", "--steps", "3", "--n", "20", "--nfe", "1,2,5", "--threads", "1",
+                            "--json", str(out), "--plot", str(tmp_path / "nfe.png")])
+    res = json.loads(out.read_text())
+    got = {(r["method"], r["nfe"]) for r in res["rows"]}
+    for nfe in (1, 2, 5):
+        for method in ("ddpm-ancestral", "ddim", "rf-euler", "rf-uniform-euler"):
+            assert (method, nfe) in got
+    # Heun with k steps costs 2k − 1 NFE (the last step is Euler): NFE 5 is 3 steps; NFE 1 and 2 would be plain Euler
+    assert ("rf-heun", 5) in got and not {("rf-heun", 1), ("rf-heun", 2)} & got
+    assert next(r for r in res["rows"] if r["method"] == "rf-heun")["solver_steps"] == 3
+    for r in res["rows"]:
+        assert {"conditional_accuracy", "fid", "fid_floor", "n"} <= set(r) and r["n"] == 20
+    assert {t["objective"] for t in res["training"]} == {"rf-lognorm", "rf-uniform", "ddpm"}
+    assert len({t["train_flops"] for t in res["training"]}) == 1  # same compute for every objective
+    assert (tmp_path / "nfe.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_conditioning_ablation_rows(tmp_path):
+    out = tmp_path / "abl.json"
+    load("conditioning_ablation").main(["--quick", "--steps", "3", "--n", "20", "--threads", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 8  # 4 variants × 2 seeds
+    for r in res["rows"]:
+        assert {"variant", "params", "flops", "conditional_accuracy", "fid", "fid_floor", "seed"} <= set(r)
+    params = {r["variant"]: r["params"] for r in res["rows"]}
+    assert params["adaln-zero"] > params["adaln"] > params["in-context"]
+    assert isinstance(res["ranking_holds_on_mean"], bool) and len(res["summary"]) == 4
+
+
+@pytest.mark.slow
+def test_vae_rate_distortion_rows(tmp_path):
+    out = tmp_path / "rd.json"
+    load("vae_rate_distortion").main(["--quick", "--configs", "8x4", "--steps", "2", "--threads", "1",
+                                      "--json", str(out)])
+    (r,) = json.loads(out.read_text())["rows"]
+    assert (r["factor"], r["latent_channels"], r["values_kept"]) == (8, 4, 64)
+    assert {"psnr", "mse", "kl_bits", "classifier_accuracy_reconstructed", "recon_fid", "fid_floor"} <= set(r)
+
+
+@pytest.mark.slow
+def test_latent_vs_pixel_rows(tmp_path):
+    out = tmp_path / "lp.json"
+    load("latent_vs_pixel").main(["--quick", "--budget", "0.5", "--n", "20", "--threads", "1", "--json", str(out)])
+    res = json.loads(out.read_text())
+    tokens = {r["name"]: r["tokens"] for r in res["rows"]}
+    assert tokens == {"pixel-64": 64, "latent-64": 64, "pixel-16": 16, "latent-16": 16}
+    for r in res["rows"]:
+        assert {"conditional_accuracy", "fid", "fid_floor", "sample_seconds", "seconds_per_step"} <= set(r)
