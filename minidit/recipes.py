@@ -25,7 +25,7 @@ RECIPES: dict[str, Recipe] = {
     "flagship": Recipe(
         model=get_config("mnist-p7"),
         train=TrainConfig(steps=3000, batch_size=64, lr=3e-3, warmup_steps=50, ema_decay=0.999, time_budget=170.0),
-        sample=dict(steps=20, cfg_scale=2.0, sampler="euler", shift=3.0),
+        sample=dict(steps=20, cfg_scale=2.5, sampler="euler", shift=3.0),
         description="class-conditional DiT on the bundled MNIST digits, patch 7 (16 tokens), 170 s on the CPU",
     ),
     "mnist-s4": Recipe(
