@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -105,3 +106,12 @@ def load_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix
         raise CheckpointError(f"{what} weights do not match its config: missing {missing[:5]}, "
                               f"unexpected {extra[:5]}, shape mismatches {shapes[:5]}")
     module.load_state_dict(state)
+
+
+def config_from_dict(cls, d: dict):
+    """A dataclass config from its dict (e.g. a checkpoint's JSON); unknown keys raise an error naming them."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; expected a subset of {sorted(known)}")
+    return cls(**d)

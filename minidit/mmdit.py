@@ -11,7 +11,7 @@ order as in DiT); `tests/test_parity_diffusers.py` maps these weights onto diffu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minidit.attention import _Recordable, attention, merge_heads, split_heads
 from minidit.blocks import FinalLayer, Mlp, _xavier_linears, gated_add, modulate
+from minidit.checkpoint import config_from_dict
 from minidit.embed import TimestepEmbedder
 from minidit.tokens import PatchEmbed, crop_pos_embed, sincos_2d, unpatchify
 
@@ -210,11 +211,7 @@ class MMDiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> MMDiTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MMDiTConfig field(s) {sorted(unknown)}; expected a subset of {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 class MMDiT(nn.Module):

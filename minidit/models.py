@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 
 from minidit.attention import ATTENTION_OPTIONS, check_attention_options
 from minidit.blocks import CONDITIONING_BLOCKS, DiTBlock, FinalLayer, PlainFinalLayer
+from minidit.checkpoint import config_from_dict
 from minidit.embed import LabelEmbedder, TimestepEmbedder
 from minidit.tokens import PatchEmbed, sincos_2d, unpatchify
 
@@ -81,11 +82,7 @@ class DiTConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> DiTConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DiTConfig field(s) {sorted(unknown)}; expected a subset of {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # DiT's ImageNet setting: 256² images → 32×32×4 SD-VAE latents, 1000 classes, learned sigma (Table 1).

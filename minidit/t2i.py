@@ -20,7 +20,7 @@ import argparse
 import copy
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from minidit.checkpoint import config_from_dict
 from minidit.data import COLOURS, POSITIONS, SHAPES, SIZES, CaptionedShapes, ShapeSpec, caption_for
 from minidit.flow import sample
 from minidit.mmdit import MMDiT, MMDiTConfig
@@ -76,11 +77,7 @@ class T2IConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> T2IConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown T2IConfig field(s) {sorted(set(d) - known)}; "
-                             f"expected a subset of {sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 T2I_CONFIGS: dict[str, T2IConfig] = {

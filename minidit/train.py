@@ -14,14 +14,14 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from minidit.checkpoint import CheckpointError, load_checkpoint, load_state, save_checkpoint
+from minidit.checkpoint import CheckpointError, config_from_dict, load_checkpoint, load_state, save_checkpoint
 from minidit.ddpm import DDPMSchedule, ddpm_loss
 from minidit.flow import flow_loss, sample_t
 
@@ -76,10 +76,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown TrainConfig field(s) {sorted(set(d) - known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 def ddp_env() -> tuple[int, int]:

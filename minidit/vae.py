@@ -25,14 +25,14 @@ import importlib.resources
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidit.checkpoint import load_checkpoint, load_state, save_checkpoint
+from minidit.checkpoint import config_from_dict, load_checkpoint, load_state, save_checkpoint
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,7 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> VAEConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown VAEConfig field(s) {sorted(set(d) - known)}; expected a subset of "
-                             f"{sorted(known)}")
-        return cls(**d)
+        return config_from_dict(cls, d)
 
 
 # ---- the three ingredients: reparameterisation, KL, scale ----------------------------------------------------

@@ -1,5 +1,6 @@
 import json
 import pickle
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,17 @@ def test_header_length_that_looks_like_a_pickle_byte(tmp_path):
             pytest.fail(f"no padding made the header length {target:#x} mod {mod}")
         tensors, meta = ck.load_checkpoint(path, kind="x")
         assert torch.equal(tensors["w"], torch.ones(2)) and meta["pad"] == "p" * pad
+
+
+@pytest.mark.parametrize("module, name", [("minidit.models", "DiTConfig"), ("minidit.mmdit", "MMDiTConfig"),
+                                          ("minidit.t2i", "T2IConfig"), ("minidit.train", "TrainConfig"),
+                                          ("minidit.vae", "VAEConfig")])
+def test_every_config_round_trips_and_rejects_unknown_fields(module, name):
+    import importlib
+
+    cls = getattr(importlib.import_module(module), name)
+    cfg = cls()
+    d = json.loads(json.dumps(asdict(cfg)))
+    assert cls.from_dict(d) == cfg
+    with pytest.raises(ValueError, match=f"unknown {name} field.*'bogus'"):
+        cls.from_dict({**d, "bogus": 1})
