@@ -18,15 +18,14 @@ Variants (DiTConfig.attn): plain multi-head attention with sin-cos positions (Di
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from minidit.checkpoint import write_json
 from minidit.cost import dit_flops, peak_memory_bytes, time_alternating
 from minidit.data import mnist_tensors
 from minidit.flow import flow_loss, sample
@@ -154,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
               "speed_model": SPEED_MODEL, "quality_model": QUALITY_MODEL,
               "speed": speed, "quality": quality}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

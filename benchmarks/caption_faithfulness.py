@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from minidit.attention_maps import attention_statistics, cfg_attention_check, object_attention_ratio
+from minidit.checkpoint import write_json
 from minidit.faithfulness import evaluation_captions, faithfulness_report
 from minidit.models import load_model
 from minidit.t2i import get_t2i_config, save_shipped, train
@@ -132,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {({k: v for k, v in info.items() if k != 'curves_by_seed'})}", flush=True)
         results["models"][backbone] = {"training": info,
                                        **final_evaluation(model.eval(), args, n_seen, n_held, n_attn, n_stats)}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    out = write_json(args.json, results)
     print(f"wrote {out}")
     return 0
 

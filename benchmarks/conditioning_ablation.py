@@ -12,15 +12,14 @@ real-vs-real floor at the same N. FLOPs are forward FLOPs per image (minidit.cos
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from minidit.checkpoint import write_json
 from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
 from minidit.flow import sample
@@ -130,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                     "cpu": platform.processor() or platform.machine()},
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.json, out)
     for s in summary:
         print(f"{s['variant']:15s} params {s['params']:>9,}  MFLOPs {s['flops'] / 1e6:6.1f}  FID {s['fid_mean']:.3f}"
               f" ± {s['fid_std'] or 0:.3f}  acc {s['conditional_accuracy_mean']:.3f}  (DiT: {s['dit_table4_fid']})")

@@ -17,14 +17,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
+from minidit.checkpoint import write_json
 from minidit.cost import (
     dit_activation_bytes,
     dit_cost_at,
@@ -165,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         plot(table, rows, args.plot)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

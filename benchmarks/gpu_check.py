@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from minidit.checkpoint import write_json
 from minidit.cost import matmul_peak, mfu, train_flops_per_image
 from minidit.flow import flow_loss, sample_t
 from minidit.models import DiT, DiTConfig, get_config
@@ -186,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     tests_ok = args.skip_tests or result["device_tests"]["returncode"] == 0
     print(f"device tests: {'passed' if tests_ok else 'FAILED'}; total {result['seconds']:.0f} s", flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
     return 0 if tests_ok else 1
 
 

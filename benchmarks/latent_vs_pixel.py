@@ -22,11 +22,11 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from minidit.checkpoint import write_json
 from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
 from minidit.flow import sample
@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                        "cpu": platform.processor() or platform.machine()}}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.json, out)
     print(json.dumps(rows, indent=1) if not args.json else f"wrote {len(rows)} rows → {args.json}")
     return 0
 

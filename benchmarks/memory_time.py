@@ -15,16 +15,15 @@ and the steady state against eager, alternating.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
+from minidit.checkpoint import write_json
 from minidit.cost import dit_training_peak_bytes, peak_memory_bytes, time_alternating, train_flops_per_image
 from minidit.models import DiT, DiTConfig, get_config
 from minidit.recipes import RECIPES
@@ -127,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                "train_step after a warm-up step (AdamW state already allocated)",
               "settings": rows, "compile": comp}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

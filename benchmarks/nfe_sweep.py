@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from minidit.checkpoint import write_json
 from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
 from minidit.ddpm import DDPMSchedule, ddpm_sample
@@ -163,10 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu": platform.processor() or platform.machine()},
     }
-    text = json.dumps(out, indent=1)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        write_json(args.json, out)
     if args.plot:
         plot(rows, args.plot, f"DDPM vs rectified flow, same DiT and training compute (N = {n}, no CFG)")
     print(json.dumps(rows) if not args.json else f"wrote {len(rows)} rows → {args.json}")

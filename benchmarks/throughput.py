@@ -22,17 +22,16 @@ processes hits both alike; the ratio is diffusers' median time ÷ minidit's (> 1
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
+from minidit.checkpoint import write_json
 from minidit.cost import matmul_peak, mfu, time_alternating, train_flops_per_image
 from minidit.mmdit import MMDiT, MMDiTConfig
 from minidit.models import DiT, DiTConfig, get_config
@@ -234,8 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         "flagship_best": best,
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)
         print(f"wrote {args.json}")
     return 0
 

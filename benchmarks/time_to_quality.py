@@ -20,10 +20,10 @@ import platform
 import sys
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 
 import torch
 
+from minidit.checkpoint import write_json
 from minidit.data import mnist_tensors
 from minidit.flow import sample
 from minidit.metrics import evaluate
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"goal (acc ≥ 0.95, fid ≤ 2×floor) first met at: {summary['first_goal_met_seconds']} s", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
     return 0
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from minidit.checkpoint import read_meta
+from minidit.checkpoint import read_meta, write_json
 from minidit.data import mnist_tensors
 from minidit.metrics import evaluate, stratified_real
 from minidit.vae import VAEConfig, evaluate_vae, load_vae, reconstruct, save_vae, train_vae
@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                        "cpu": platform.processor() or platform.machine()}}
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(args.json, out)
     if args.plot:
         plot(rows, args.plot)
     print(json.dumps(rows, indent=1) if not args.json else f"wrote {len(rows)} rows → {args.json}")

@@ -44,6 +44,14 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_json(path: str | Path, obj) -> Path:
+    """Write `obj` as indented JSON to `path` atomically (folders created; a crash never leaves half a file)."""
+    path = Path(path)
+    text = json.dumps(obj, indent=1) + "\n"  # serialise first: an unserialisable object leaves no file behind
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
 def save_checkpoint(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
     """Write tensors + meta (JSON-serialisable dict with a 'kind') to `path` (.safetensors) and `path`.json."""
     path = Path(path)

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minidit.checkpoint import write_json
+
 
 class CLIError(Exception):
     """A user error: printed as one line, exit status 2, no traceback."""
@@ -161,10 +163,9 @@ def cmd_evaluate(args) -> int:
         raise CLIError(f"'images' must be uint8 (N, 28, 28, 1), got {images.dtype} {images.shape}")
     x = to_model_range(images).permute(0, 3, 1, 2)  # (N, 1, 28, 28)
     m = evaluate(x, torch.as_tensor(labels).long())
-    text = json.dumps(m, indent=2)
-    print(text)
+    print(json.dumps(m, indent=2))
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        write_json(args.json, m)
     return 0
 
 
@@ -218,7 +219,7 @@ def cmd_demo(args) -> int:
         "sampling": skw,
         **_run_meta(device),
     })
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(out / "metrics.json", metrics)
     print(f"conditional accuracy {metrics['conditional_accuracy']:.3f} | feature-FID {metrics['fid']:.3f} "
           f"(real-vs-real floor {metrics['fid_floor']:.3f}, ratio {metrics['fid_ratio']:.2f}) | "
           f"train {metrics['train_seconds']:.0f} s, {trainer.step} steps → {out}/")

@@ -126,3 +126,15 @@ def test_every_config_round_trips_and_rejects_unknown_fields(module, name):
     assert cls.from_dict(d) == cfg
     with pytest.raises(ValueError, match=f"unknown {name} field.*'bogus'"):
         cls.from_dict({**d, "bogus": 1})
+
+
+def test_write_json_creates_folders_and_never_leaves_half_a_file(tmp_path):
+    from minidit.checkpoint import write_json
+
+    target = tmp_path / "a" / "b" / "result.json"
+    write_json(target, {"fid": 0.5, "rows": [1, 2]})
+    assert json.loads(target.read_text()) == {"fid": 0.5, "rows": [1, 2]}
+    with pytest.raises(TypeError):
+        write_json(target, {"bad": object()})  # not serialisable: the old file survives, no temp file is left
+    assert json.loads(target.read_text()) == {"fid": 0.5, "rows": [1, 2]}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]

@@ -72,3 +72,30 @@ def test_latent_vs_pixel_rows(tmp_path):
     assert tokens == {"pixel-64": 64, "latent-64": 64, "pixel-16": 16, "latent-16": 16}
     for r in res["rows"]:
         assert {"conditional_accuracy", "fid", "fid_floor", "sample_seconds", "seconds_per_step"} <= set(r)
+
+
+def test_denoise_probe_inverts_each_objective_exactly():
+    """With a model that returns the true target (ε for DDPM, ε − x0 for RF), the one-step x̂0 is the clean image."""
+    import torch
+
+    probe = load("denoise_probe")
+    x0 = torch.rand(4, 1, 28, 28) * 2 - 1
+    noise = torch.randn_like(x0)
+    y = torch.arange(4)
+    for s in probe.SQRT_SNR:
+        est, w = probe.x0_estimate(lambda x, t, y: noise, {"objective": "ddpm", "ddpm_schedule": "linear"},
+                                   x0, noise, y, s)
+        assert torch.allclose(est, x0, atol=1e-4) and w == pytest.approx(s**2, rel=0.05)  # ε-loss weight = SNR
+        est, w = probe.x0_estimate(lambda x, t, y: noise - x0, {"objective": "flow"}, x0, noise, y, s)
+        assert torch.allclose(est, x0, atol=1e-5) and w == pytest.approx((1 + s) ** 2)  # v-loss weight = 1/t²
+
+
+@pytest.mark.slow
+def test_denoise_probe_rows(tmp_path):
+    out = tmp_path / "probe.json"
+    load("denoise_probe").main(["--models", str(ROOT / "benchmarks" / "results" / "nfe_quick_models"),
+                                "--n", "20", "--threads", "1", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["model"] for r in rows} == {"ddpm", "rf-lognorm"} and len(rows) == 10
+    for r in rows:
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["follows_label"] <= 1 and r["x0_mse"] > 0
