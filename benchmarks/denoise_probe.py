@@ -12,6 +12,10 @@ for its one-step estimate of the clean image x̂0 (DDPM: (x_k − √(1 − ᾱ)
   loss_weight   the weight each training loss puts on x̂0's squared error at this noise level:
                 ε-loss ‖ε̂ − ε‖² = SNR·‖x̂0 − x0‖²;  v-loss ‖v̂ − v‖² = ‖x̂0 − x0‖²/t² = (1 + √SNR)²·‖x̂0 − x0‖²
 
+and per model, with training times drawn as in its training run (DDPM: uniform k; RF: its t distribution), the
+share of training draws at √SNR < 1 (where the image is more noise than signal and the class gets decided)
+and the share of the training LOSS those draws carry: what the gradient is mostly about.
+
     python benchmarks/denoise_probe.py --models DIR [--n 1000] [--json OUT]
 """
 
@@ -28,7 +32,7 @@ import torch
 from minidit.checkpoint import load_checkpoint, write_json
 from minidit.data import mnist_tensors
 from minidit.ddpm import DDPMSchedule, q_sample
-from minidit.flow import interpolate
+from minidit.flow import interpolate, sample_t
 from minidit.metrics import accuracy, load_classifier
 from minidit.models import load_model
 
@@ -50,6 +54,30 @@ def x0_estimate(model, train: dict, x0: torch.Tensor, noise: torch.Tensor, y: to
     x_k = q_sample(sched, x0, kk, noise)
     eps = model(x_k, sched.model_time(kk), y)[:, : x0.shape[1]]
     return (x_k - math.sqrt(1 - abar) * eps) / math.sqrt(abar), abar / (1 - abar)
+
+
+@torch.no_grad()
+def high_noise_shares(model, train: dict, x0: torch.Tensor, repeats: int = 4, seed: int = 0) -> tuple[float, float]:
+    """(share of training draws, share of training loss) at √SNR < 1, times drawn as the model was trained."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = x0.repeat(repeats, 1, 1, 1)  # (R·N, C, H, W)
+    n = x0.shape[0]
+    noise = torch.randn(x0.shape, generator=g)
+    y = torch.randint(0, 10, (n,), generator=g)  # any labels: the loss share, not the class, is measured here
+    if train["objective"] == "flow":
+        t = sample_t(n, train["t_sampling"], train["t_mean"], train["t_std"], train["t_shift"], generator=g)
+        x_t = interpolate(x0, noise, t)
+        loss = (model(x_t, t, y) - (noise - x0)).pow(2).flatten(1).mean(1)  # (n,) v-loss per draw
+        sqrt_snr = (1 - t) / t
+    else:
+        sched = DDPMSchedule(train["ddpm_schedule"])
+        k = torch.randint(0, sched.T, (n,), generator=g)
+        eps = model(q_sample(sched, x0, k, noise), sched.model_time(k), y)[:, : x0.shape[1]]
+        loss = (eps - noise).pow(2).flatten(1).mean(1)  # (n,) ε-loss per draw
+        abar = sched.alphas_cumprod[k]
+        sqrt_snr = (abar / (1 - abar)).sqrt().float()
+    high = sqrt_snr < 1
+    return high.float().mean().item(), (loss[high].sum() / loss.sum()).item()
 
 
 def nearest_mean(images: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
@@ -77,11 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     xt, yt = mnist_tensors("train")
     means = torch.stack([xt[yt == c].mean(0) for c in range(10)]).flatten(1)  # (10, 784) class-mean digits
     clf = load_classifier()
-    rows = []
+    rows, shares = [], []
     for path in paths:
         model = load_model(path).float()
         train = load_checkpoint(path)[1]["train"]
         name = path.stem.removeprefix("nfe_")
+        draws, loss_share = high_noise_shares(model, train, x)
+        shares.append({"model": name, "objective": train["objective"], "draws_sqrt_snr_below_1": round(draws, 3),
+                       "loss_share_sqrt_snr_below_1": round(loss_share, 4)})
+        print(f"{name:11s} draws at √SNR < 1: {draws:.0%} of training draws carry {loss_share:.1%} of the loss",
+              file=sys.stderr)
         for s in SQRT_SNR:
             x0_true, weight = x0_estimate(model, train, x, noise, y, s)
             x0_wrong, _ = x0_estimate(model, train, x, noise, wrong, s)
@@ -94,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['follows_label']:.2f}  x̂0 MSE {r['x0_mse']:.3f}  loss weight on x̂0 error {weight:6.2f}",
                   file=sys.stderr)
     out = {"benchmark": "denoise_probe", "models": str(args.models), "n": args.n, "rows": rows,
+           "high_noise_shares": shares,
            "command": "python benchmarks/denoise_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     if args.json:
         write_json(args.json, out)

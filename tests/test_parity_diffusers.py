@@ -280,3 +280,33 @@ def test_dit_cross_attention_block_matches_basic_transformer_block_with_mask():
         want = ref(x, encoder_hidden_states=ctx, encoder_attention_mask=bias, timestep=t, class_labels=y)
     assert out.abs().max() > 0.1
     assert torch.allclose(out, want, atol=1e-5, rtol=0), (out - want).abs().max()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_ddpm_ancestral_sampler_matches_diffusers_ddpm_scheduler(schedule):
+    """minidit's ancestral sampler = diffusers' DDPMScheduler (ε-prediction, clipped x0, posterior variance β̃)
+    stepped over the same respaced timesteps with the same random draws."""
+    from diffusers import DDPMScheduler
+
+    from minidit.ddpm import DDPMSchedule, ddpm_sample, respaced_steps
+    from minidit.models import DiT, get_config
+
+    torch.manual_seed(0)
+    model = DiT(get_config("mnist-tiny")).eval()
+    with torch.no_grad():  # a fresh DiT outputs exactly 0: perturb the last layer so ε depends on x, t and y
+        model.final_layer.linear.weight.normal_(0, 0.05)
+    sched = DDPMSchedule(schedule)
+    labels = torch.arange(4)
+    z = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ours = ddpm_sample(model, sched, labels, steps=12, method="ancestral", noise=z.clone(),
+                       generator=torch.Generator().manual_seed(7))
+    ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_sample=True,
+                        beta_schedule="linear" if schedule == "linear" else "squaredcos_cap_v2",
+                        variance_type="fixed_small", prediction_type="epsilon")
+    ref.set_timesteps(timesteps=respaced_steps(sched, 12))
+    g, x = torch.Generator().manual_seed(7), z.clone()
+    with torch.no_grad():
+        for t in ref.timesteps:
+            eps = model(x, torch.full((4,), int(t)) / 1000, labels)  # minidit time = k / 1000
+            x = ref.step(eps, t, x, generator=g).prev_sample
+    assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
