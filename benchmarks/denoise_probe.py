@@ -57,13 +57,13 @@ def x0_estimate(model, train: dict, x0: torch.Tensor, noise: torch.Tensor, y: to
 
 
 @torch.no_grad()
-def high_noise_shares(model, train: dict, x0: torch.Tensor, repeats: int = 4, seed: int = 0) -> tuple[float, float]:
+def high_noise_shares(model, train: dict, x0: torch.Tensor, y: torch.Tensor, repeats: int = 4,
+                      seed: int = 0) -> tuple[float, float]:
     """(share of training draws, share of training loss) at √SNR < 1, times drawn as the model was trained."""
     g = torch.Generator().manual_seed(seed)
-    x0 = x0.repeat(repeats, 1, 1, 1)  # (R·N, C, H, W)
+    x0, y = x0.repeat(repeats, 1, 1, 1), y.repeat(repeats)  # (R·N, C, H, W), (R·N,) with their true labels
     n = x0.shape[0]
     noise = torch.randn(x0.shape, generator=g)
-    y = torch.randint(0, 10, (n,), generator=g)  # any labels: the loss share, not the class, is measured here
     if train["objective"] == "flow":
         t = sample_t(n, train["t_sampling"], train["t_mean"], train["t_std"], train["t_shift"], generator=g)
         x_t = interpolate(x0, noise, t)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(path).float()
         train = load_checkpoint(path)[1]["train"]
         name = path.stem.removeprefix("nfe_")
-        draws, loss_share = high_noise_shares(model, train, x)
+        draws, loss_share = high_noise_shares(model, train, x, y)
         shares.append({"model": name, "objective": train["objective"], "draws_sqrt_snr_below_1": round(draws, 3),
                        "loss_share_sqrt_snr_below_1": round(loss_share, 4)})
         print(f"{name:11s} draws at √SNR < 1: {draws:.0%} of training draws carry {loss_share:.1%} of the loss",

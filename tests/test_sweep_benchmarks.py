@@ -90,6 +90,19 @@ def test_denoise_probe_inverts_each_objective_exactly():
         assert torch.allclose(est, x0, atol=1e-5) and w == pytest.approx((1 + s) ** 2)  # v-loss weight = 1/t²
 
 
+def test_denoise_probe_high_noise_shares():
+    """A model that predicts ε = 0 has the same ε-loss on every draw, so its loss share equals its draw share;
+    DDPM's uniform k puts about three quarters of the linear schedule's steps at √SNR < 1."""
+    import torch
+
+    probe = load("denoise_probe")
+    x0 = torch.rand(50, 1, 28, 28) * 2 - 1
+    y = torch.arange(50) % 10
+    draws, loss = probe.high_noise_shares(lambda x, t, y: torch.zeros_like(x),
+                                          {"objective": "ddpm", "ddpm_schedule": "linear"}, x0, y, repeats=40)
+    assert 0.70 < draws < 0.80 and loss == pytest.approx(draws, abs=0.02)
+
+
 @pytest.mark.slow
 def test_denoise_probe_rows(tmp_path):
     out = tmp_path / "probe.json"
