@@ -1,12 +1,15 @@
-"""Time to quality on a CPU: train the flagship recipe from scratch under a wall-clock budget, evaluate at checkpoints.
+"""Time to quality on a CPU: train a recipe (default: the demo's, `latent`) from scratch under a wall-clock budget,
+evaluate at checkpoints.
 
-    python benchmarks/time_to_quality.py --json out/ttq.json            # 180 s budget, checkpoints every 30 s
+    python benchmarks/time_to_quality.py --json out/ttq.json            # the recipe's budget, checkpoints every 30 s
     python benchmarks/time_to_quality.py --budget 90 --every 15 --n 1000
+    python benchmarks/time_to_quality.py --recipe flagship --json out/ttq_pixel.json   # the lessons' pixel DiT
 
-Only training steps count toward `seconds` (evaluation pauses the clock). At each checkpoint the EMA weights
-are copied; after training each copy samples N class-balanced digits with the recipe's CFG sampler and is
-scored with the package's classifier: conditional accuracy, feature-FID against the 1,000 held-out digits and
-the real-vs-real floor at the same N. Rows: {seconds, steps, conditional_accuracy, fid, fid_floor, ...}.
+`seconds` counts the training steps plus, for a latent recipe, encoding the training digits with the shipped
+(pre-trained, frozen) VAE; evaluation pauses the clock. At each checkpoint the EMA weights are copied; after
+training each copy samples N class-balanced digits with the recipe's CFG sampler (decoded by the VAE for a latent
+recipe) and is scored with the package's classifier: conditional accuracy, feature-FID against the 1,000 held-out
+digits and the real-vs-real floor at the same N. Rows: {seconds, steps, conditional_accuracy, fid, fid_floor, ...}.
 The goal (issue: time to quality): accuracy ≥ 0.95 and fid ≤ 2 × fid_floor within 180 s.
 """
 
@@ -25,22 +28,23 @@ import torch
 
 from minidit.checkpoint import write_json
 from minidit.data import mnist_tensors
-from minidit.flow import sample
 from minidit.metrics import evaluate
 from minidit.models import DiT
-from minidit.recipes import get_recipe
+from minidit.recipes import generate, get_recipe, recipe_vae, training_data
 from minidit.train import Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="flagship")
+    ap.add_argument("--recipe", default="latent")
     ap.add_argument("--budget", type=float, default=None, help="training seconds (default: the recipe's)")
     ap.add_argument("--every", type=float, default=30.0, help="evaluate every this many training seconds")
     ap.add_argument("--n", type=int, default=1000, help="samples per evaluation (class-balanced)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--no-ablation", action="store_true",
+                    help="skip sampling the final model with CFG alone (what autoguidance adds)")
     args = ap.parse_args(argv)
     if args.every <= 0 or args.n < 10:
         ap.error("--every must be > 0 and --n ≥ 10")
@@ -54,43 +58,65 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     x, y = mnist_tensors("train")
+    vae = recipe_vae(recipe)
+    x, setup = training_data(recipe, x, vae)  # latents (setup = encoding seconds) or the pixels as they are (0 s)
     trainer = Trainer(DiT(recipe.model), x, y, cfg)
     marks = [min(args.every * (i + 1), cfg.time_budget) for i in range(int(-(-cfg.time_budget // args.every)))]
-    snapshots: list[tuple[float, int, torch.nn.Module]] = []
+    # autoguidance: the row at training time m samples with the EMA copied at guide_at·m as its guide
+    guide_marks = {m: recipe.guide_at * m for m in marks} if recipe.guide_at else {}
+    pending = sorted({*marks, *guide_marks.values()})
+    emas: dict[float, tuple[float, int, torch.nn.Module]] = {}  # mark → (seconds, step, EMA copy)
 
     def checkpoint(t: Trainer) -> None:
-        while marks and t.train_seconds >= marks[0] - 1e-9:
-            marks.pop(0)
-            snapshots.append((t.train_seconds, t.step, copy.deepcopy(t.ema)))
+        while pending and t.train_seconds >= pending[0] - 1e-9:
+            emas[pending.pop(0)] = (setup + t.train_seconds, t.step, copy.deepcopy(t.ema))
 
-    print(f"training {args.recipe!r} for {cfg.time_budget:.0f} s on {torch.get_num_threads()} threads …",
-          file=sys.stderr)
+    print(f"training {args.recipe!r} for {cfg.time_budget:.0f} s (+ {setup:.1f} s encoding) on "
+          f"{torch.get_num_threads()} threads …", file=sys.stderr)
     trainer.run(progress=True, callback=checkpoint)
-    if not snapshots or snapshots[-1][1] != trainer.step:
-        snapshots.append((trainer.train_seconds, trainer.step, copy.deepcopy(trainer.ema)))
+    for m in pending:  # training stopped before these (only if the budget was reached between steps)
+        emas[m] = (setup + trainer.train_seconds, trainer.step, copy.deepcopy(trainer.ema))
 
     labels = torch.arange(args.n) % 10
-    rows = []
-    for seconds, steps, ema in snapshots:
+
+    def score(ema: torch.nn.Module, guide: torch.nn.Module | None, **overrides) -> dict:
         t0 = time.perf_counter()
-        imgs = sample(ema, labels, generator=torch.Generator().manual_seed(args.seed), **recipe.sample)
+        imgs = generate(recipe, ema, labels, vae, generator=torch.Generator().manual_seed(args.seed), guide=guide,
+                        **overrides)
         m = evaluate(imgs, labels)
-        row = {"seconds": round(seconds, 1), "steps": steps,
-               "conditional_accuracy": round(m["conditional_accuracy"], 4),
-               "fid": round(m["fid"], 4), "fid_floor": round(m["fid_floor"], 4), "fid_ratio": round(m["fid_ratio"], 2),
-               "precision": round(m["precision"], 3), "recall": round(m["recall"], 3),
-               "sample_seconds": round(time.perf_counter() - t0, 1),
-               "goal_met": m["conditional_accuracy"] >= 0.95 and m["fid"] <= 2 * m["fid_floor"]}
+        return {"conditional_accuracy": round(m["conditional_accuracy"], 4),
+                "fid": round(m["fid"], 4), "fid_floor": round(m["fid_floor"], 4), "fid_ratio": round(m["fid_ratio"], 2),
+                "precision": round(m["precision"], 3), "recall": round(m["recall"], 3),
+                "sample_seconds": round(time.perf_counter() - t0, 1),
+                "goal_met": m["conditional_accuracy"] >= 0.95 and m["fid"] <= 2 * m["fid_floor"]}
+
+    rows = []
+    for mark in marks:
+        seconds, steps, ema = emas[mark]
+        guide = emas[guide_marks[mark]] if guide_marks else None
+        row = {"seconds": round(seconds, 1), "steps": steps, "guide_step": guide[1] if guide else None,
+               **score(ema, guide[2] if guide else None)}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    # what autoguidance adds: the final model sampled with CFG alone (the recipe's scale, and the scales around it)
+    ablation = []
+    if guide_marks and not args.no_ablation:
+        final = emas[marks[-1]][2]
+        for scale in (recipe.sample.get("cfg_scale", 1.0), 1.5, 2.0):
+            ablation.append({"cfg_scale": scale, "guide_scale": 1.0, **score(final, None, cfg_scale=scale,
+                                                                             guide_scale=1.0)})
+            print(json.dumps(ablation[-1]), flush=True)
     met = [r for r in rows if r["goal_met"]]
     summary = {
         "recipe": args.recipe, "n": args.n, "time_budget": cfg.time_budget,
+        "vae": recipe.vae, "vae_encode_seconds": round(setup, 2),
         "first_goal_met_seconds": met[0]["seconds"] if met else None,
         "model_config": recipe.model.to_dict(), "train_config": asdict(cfg), "sampling": recipe.sample,
+        "guide_at": recipe.guide_at,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "rows": rows,
+        "final_without_autoguidance": ablation,
     }
     print(f"goal (acc ≥ 0.95, fid ≤ 2×floor) first met at: {summary['first_goal_met_seconds']} s", file=sys.stderr)
     if args.json:

@@ -72,7 +72,7 @@ def _run_meta(device: torch.device) -> dict:
 def cmd_train(args) -> int:
     from minidit.data import DataNotAvailableError, dataset_tensors
     from minidit.models import DiT, get_config, save_model
-    from minidit.recipes import get_recipe
+    from minidit.recipes import get_recipe, recipe_vae, training_data
     from minidit.train import Trainer
     from minidit.viz import plot_loss
 
@@ -83,6 +83,13 @@ def cmd_train(args) -> int:
         x, y = dataset_tensors(args.dataset, "train", args.data_root, args.download)
     except DataNotAvailableError as e:
         raise CLIError(str(e)) from None
+    vae = recipe_vae(recipe)
+    if vae is not None:  # a latent recipe: train on the VAE's latents of these images
+        want = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
+        if tuple(x.shape[1:]) != want:
+            raise CLIError(f"recipe {args.recipe!r} trains on VAE {recipe.vae!r}'s latents of {want} images; "
+                           f"dataset {args.dataset!r} has {tuple(x.shape[1:])}")
+        x, _ = training_data(recipe, x, vae)
     model_cfg = get_config(args.config) if args.config else recipe.model
     # the data decides channels and size (e.g. CIFAR-10: 3×32×32)
     model_cfg = replace(model_cfg, in_channels=x.shape[1], input_size=x.shape[2], num_classes=int(y.max()) + 1)
@@ -98,7 +105,7 @@ def cmd_train(args) -> int:
     trainer.run(checkpoint_path=state_path, checkpoint_every=args.checkpoint_every)
     if trainer.rank == 0:
         save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg),
-                   dataset=args.dataset)
+                   dataset=args.dataset, recipe=args.recipe, vae=recipe.vae)
         plot_loss(trainer.history, out / "loss.png")
         print(f"trained {trainer.step} steps in {trainer.train_seconds:.1f} s → {out / 'model.safetensors'}")
     return 0
@@ -118,10 +125,11 @@ def _parse_labels(spec: str, n: int, num_classes: int) -> torch.Tensor:
 
 
 def cmd_sample(args) -> int:
-    from minidit.checkpoint import CheckpointError
+    from minidit.checkpoint import CheckpointError, read_meta
     from minidit.data import to_uint8
     from minidit.flow import sample
     from minidit.models import load_model
+    from minidit.vae import load_vae, sample_images
     from minidit.viz import save_grid
 
     _threads(args.threads)
@@ -129,15 +137,24 @@ def cmd_sample(args) -> int:
         raise CLIError(f"--n must be ≥ 1, got {args.n}")
     if not args.out.endswith(".npz"):
         raise CLIError(f"--out must be a .npz file, got {args.out!r}")
+    if args.guide_scale != 1.0 and not args.guide:
+        raise CLIError(f"--guide-scale {args.guide_scale} needs --guide (the weaker model to guide with)")
     try:
         model = load_model(args.checkpoint, device=_device(args.device))
+        vae_name = read_meta(args.checkpoint).get("vae")  # set for models trained on a VAE's latents
+        vae = load_vae(vae_name, device=next(model.parameters()).device) if vae_name else None
+        guide = load_model(args.guide, device=next(model.parameters()).device) if args.guide else None
     except (CheckpointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     labels = _parse_labels(args.labels, args.n, model.config.num_classes)
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
-    imgs = sample(model, labels, steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler,
-                  shift=args.shift, generator=g)
+    kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, shift=args.shift, generator=g,
+              guide_model=guide, guide_scale=args.guide_scale)
+    try:
+        imgs = sample_images(model, vae, labels, **kw) if vae is not None else sample(model, labels, **kw)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     secs = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(args.out, images=to_uint8(imgs).permute(0, 2, 3, 1).cpu().numpy(),
@@ -172,10 +189,9 @@ def cmd_evaluate(args) -> int:
 # ---- demo ----------------------------------------------------------------------------------------------
 def cmd_demo(args) -> int:
     from minidit.data import mnist_tensors
-    from minidit.flow import sample
     from minidit.metrics import evaluate
     from minidit.models import DiT, save_model
-    from minidit.recipes import get_recipe
+    from minidit.recipes import GuideSnapshot, generate, get_recipe, recipe_vae, training_data
     from minidit.train import Trainer
     from minidit.viz import plot_loss, save_grid
 
@@ -187,13 +203,24 @@ def cmd_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     x, y = mnist_tensors("train")
+    vae = recipe_vae(recipe)
+    if vae is not None:
+        vae = vae.to(device)
+    x, encode_seconds = training_data(recipe, x, vae)
     model = DiT(recipe.model)
+    budget = f"≤ {cfg.time_budget:.0f} s" if cfg.time_budget else f"{cfg.steps} steps"
+    space = f"latents of VAE {recipe.vae!r} (encoded in {encode_seconds:.1f} s)" if vae is not None else "pixels"
     print(f"minidit demo: recipe {args.recipe!r} ({recipe.description}); {model.num_params():,} parameters, "
-          f"{cfg.steps} steps × {cfg.batch_size} images on {device} ({torch.get_num_threads()} threads)",
+          f"{budget} × {cfg.batch_size} images on {device} ({torch.get_num_threads()} threads), {space}",
           file=sys.stderr)
     trainer = Trainer(model, x, y, cfg, device=device)
-    trainer.run()
-    save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg), recipe=args.recipe)
+    guide = GuideSnapshot(recipe.guide_at) if recipe.guide_at else None  # autoguidance's weak model: an early EMA
+    trainer.run(callback=guide)
+    save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg), recipe=args.recipe,
+               vae=recipe.vae)
+    if guide is not None:
+        save_model(out / "guide.safetensors", guide.model, step=guide.step, recipe=args.recipe, vae=recipe.vae,
+                   role=f"autoguidance guide: the EMA at {recipe.guide_at:.0%} of training")
     plot_loss(trainer.history, out / "loss.png", title=f"minidit demo ({args.recipe})")
 
     n = args.n
@@ -203,13 +230,17 @@ def cmd_demo(args) -> int:
         skw["cfg_scale"] = args.cfg_scale
     print(f"sampling {n} digits ({skw}) …", file=sys.stderr)
     t0 = time.perf_counter()
-    imgs = sample(trainer.ema, labels, generator=torch.Generator().manual_seed(cfg.seed), **skw)
+    imgs = generate(recipe, trainer.ema, labels, vae, generator=torch.Generator().manual_seed(cfg.seed),
+                    guide=guide.model if guide is not None else None, **skw)
     sample_seconds = time.perf_counter() - t0
     order = torch.argsort(labels[:100], stable=True)  # grid rows = classes 0…9
     save_grid(imgs[:100][order].cpu(), out / "samples.png", nrow=10)
     metrics = evaluate(imgs.cpu(), labels)
     metrics.update({
         "train_seconds": round(trainer.train_seconds, 2),
+        "vae": recipe.vae,
+        "vae_encode_seconds": round(encode_seconds, 2),
+        "guide_step": guide.step if guide is not None else None,
         "sample_seconds": round(sample_seconds, 2),
         "steps": trainer.step,
         "parameters": model.num_params(),
@@ -291,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--sampler", default="euler", choices=["euler", "heun"])
     s.add_argument("--shift", type=float, default=1.0)
+    s.add_argument("--guide", help="autoguidance: a weaker model of the same task (e.g. the demo's guide.safetensors)")
+    s.add_argument("--guide-scale", type=float, default=1.0, help="autoguidance scale (1: off)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--grid", help="also write a PNG grid of the first 100")
     common(s)
@@ -301,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="also write the metrics here")
     e.set_defaults(func=cmd_evaluate)
 
-    d = sub.add_parser("demo", help="train the flagship on bundled MNIST, sample with CFG, write metrics")
+    d = sub.add_parser("demo", help="train the demo recipe on bundled MNIST, sample with CFG, write metrics")
     d.add_argument("--out", default="out/demo", help="output folder (samples.png, loss.png, metrics.json, model)")
-    d.add_argument("--recipe", default="flagship", choices=sorted(RECIPES))
+    d.add_argument("--recipe", default="latent", choices=sorted(RECIPES))
     d.add_argument("--n", type=int, default=1000, help="samples to evaluate (100 per class for 1000)")
     d.add_argument("--cfg-scale", type=float, default=None)
     _add_train_overrides(d)

@@ -102,6 +102,8 @@ CONFIGS.update(
         "mnist-p7": DiTConfig(patch_size=7, dim=128, depth=4, num_heads=4),
         "mnist-s4": DiTConfig(patch_size=4, dim=192, depth=6, num_heads=6),
         "mnist-s2": DiTConfig(patch_size=2, dim=128, depth=6, num_heads=4),
+        # on the shipped VAE's latents (f = 4, c = 4: 4×8×8), patch 2 → 16 tokens, the same transformer as mnist-p7
+        "mnist-latent-p2": DiTConfig(input_size=8, in_channels=4, patch_size=2, dim=128, depth=4, num_heads=4),
     }
 )
 

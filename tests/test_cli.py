@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from minidit.cli import main
 
@@ -83,3 +84,30 @@ def test_evaluate_rejects_wrong_arrays(tmp_path, capsys):
     np.savez(p, images=np.zeros((3, 32, 32, 3), np.uint8), labels=np.zeros(3))
     code, _, err = run(capsys, "evaluate", str(p))
     assert code == 2 and "uint8 (N, 28, 28, 1)" in err
+
+
+def test_latent_demo_then_sample_decodes_with_the_recorded_vae(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, _, err = run(capsys, "demo", "--recipe", "latent", "--steps", "3", "--time-budget", "0", "--n", "20",
+                       "--out", str(out), "--device", "cpu")
+    assert code == 0 and "latents of VAE 'vae_mnist_f4c4'" in err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["vae"] == "vae_mnist_f4c4" and m["steps"] == 3 and m["n"] == 20
+    assert json.loads((out / "model.json").read_text())["vae"] == "vae_mnist_f4c4"
+    assert m["sampling"]["guide_scale"] != 1 and 0 < m["guide_step"] < 3  # autoguidance by an early EMA
+    assert json.loads((out / "guide.json").read_text())["step"] == m["guide_step"]
+    npz = tmp_path / "s.npz"
+    code, _, _ = run(capsys, "sample", "--checkpoint", str(out / "model.safetensors"), "--n", "5", "--steps", "2",
+                     "--out", str(npz), "--guide", str(out / "guide.safetensors"), "--guide-scale", "1.5")
+    assert code == 0 and np.load(npz)["images"].shape == (5, 28, 28, 1)  # decoded digits, not 4×8×8 latents
+    code, _, err = run(capsys, "sample", "--checkpoint", str(out / "model.safetensors"), "--out", str(npz),
+                       "--guide-scale", "1.5")
+    assert code == 2 and "needs --guide" in err
+
+
+def test_latent_train_rejects_images_its_vae_cannot_encode(tmp_path, capsys, monkeypatch):
+    import minidit.data
+
+    monkeypatch.setattr(minidit.data, "dataset_tensors", lambda *a: (torch.zeros(4, 3, 32, 32), torch.zeros(4).long()))
+    code, _, err = run(capsys, "train", "--recipe", "latent", "--dataset", "cifar10", "--out", str(tmp_path / "o"))
+    assert code == 2 and "trains on VAE 'vae_mnist_f4c4'" in err and "(3, 32, 32)" in err

@@ -146,3 +146,36 @@ def test_cfg_interval_guides_only_inside():
         assert torch.allclose(v(x, t), want, atol=1e-5)
     with pytest.raises(ValueError, match="interval"):
         flow.guided(model, y, 3.0, interval=(0.7, 0.2))
+
+
+def test_autoguidance_extrapolates_away_from_the_weak_model_then_applies_cfg():
+    good, bad = _trained_looking_dit(), _trained_looking_dit()
+    with torch.no_grad():
+        for p in bad.parameters():
+            p.mul_(0.5)
+    x, y, t = torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), torch.full((2,), 0.4)
+    null = torch.full_like(y, good.null_label)
+    cond, uncond, weak = good(x, t, y), good(x, t, null), bad(x, t, y)
+    ag = weak + 1.5 * (cond - weak)
+    assert torch.allclose(flow.guided(good, y, 1.0, guide_model=bad, guide_scale=1.5)(x, t), ag, atol=1e-5)
+    assert torch.allclose(flow.guided(good, y, 2.0, guide_model=bad, guide_scale=1.5)(x, t),
+                          uncond + 2.0 * (ag - uncond), atol=1e-5)
+    # guide_scale 1 (or a guide that is the model itself) is plain CFG
+    assert torch.allclose(flow.guided(good, y, 2.0, guide_model=bad, guide_scale=1.0)(x, t),
+                          flow.guided(good, y, 2.0)(x, t), atol=1e-6)
+    assert torch.allclose(flow.guided(good, y, 2.0, guide_model=good, guide_scale=3.0)(x, t),
+                          flow.guided(good, y, 2.0)(x, t), atol=1e-5)
+    with pytest.raises(ValueError, match="guide_scale must be ≥ 0"):
+        flow.guided(good, y, 2.0, guide_model=bad, guide_scale=-1.0)
+
+
+def test_sample_with_a_guide_puts_it_in_eval_mode_and_checks_its_inputs():
+    good, bad = _trained_looking_dit(), _trained_looking_dit()
+    bad.train()
+    g = torch.Generator().manual_seed(0)
+    out = flow.sample(good, torch.tensor([0, 1, 2]), steps=2, cfg_scale=1.5, guide_model=bad, guide_scale=2.0,
+                      generator=g)
+    assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all() and bad.training  # mode restored
+    other = DiT(DiTConfig(input_size=8, in_channels=2, patch_size=4, dim=32, depth=1, num_heads=2))
+    with pytest.raises(ValueError, match="guide_model must take the model's inputs"):
+        flow.sample(good, torch.tensor([0]), steps=1, guide_model=other, guide_scale=2.0)

@@ -129,3 +129,28 @@ def test_attention_variants_smoke(tmp_path, monkeypatch):
     assert [r["variant"] for r in res["speed"]] == list(av.VARIANTS) == [r["variant"] for r in res["quality"]]
     flops = {r["variant"]: r["forward_gflops_per_image"] for r in res["speed"]}
     assert flops["window7"] < flops["mha"] and flops["gqa-1kv"] < flops["mha"] == flops["rope-2d"]
+
+
+# ---- time_to_quality ------------------------------------------------------------------------------------------
+def test_time_to_quality_rows_count_the_vae_encoding(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import minidit.recipes as recipes
+
+    ttq = load("time_to_quality")
+    lat = recipes.RECIPES["latent"]  # the demo's recipe, shrunk to a 2-second run
+    small = replace(lat, model=replace(lat.model, dim=32, depth=1, num_heads=2), sample=dict(lat.sample, steps=2))
+    monkeypatch.setitem(recipes.RECIPES, "latent", small)
+    out = tmp_path / "ttq.json"
+    assert ttq.main(["--budget", "2", "--every", "1", "--n", "20", "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["recipe"] == "latent" and res["vae"] == "vae_mnist_f4c4" and res["vae_encode_seconds"] > 0
+    rows = res["rows"]
+    assert len(rows) == 2 and rows[0]["steps"] < rows[1]["steps"]
+    for r in rows:
+        assert {"seconds", "steps", "conditional_accuracy", "fid", "fid_floor", "goal_met"} <= set(r)
+        assert r["seconds"] >= res["vae_encode_seconds"]  # the clock includes encoding the training set
+        assert r["goal_met"] == (r["conditional_accuracy"] >= 0.95 and r["fid"] <= 2 * r["fid_floor"])
+        assert r["guide_step"] is not None and r["guide_step"] < r["steps"]  # autoguidance by an earlier EMA
+    ablation = res["final_without_autoguidance"]  # the final model with CFG alone, same noise
+    assert [a["guide_scale"] for a in ablation] == [1.0] * 3 and ablation[0]["cfg_scale"] == small.sample["cfg_scale"]
