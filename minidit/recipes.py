@@ -88,10 +88,14 @@ def recipe_vae(recipe: Recipe):
     return vae
 
 
-def training_data(recipe: Recipe, x: torch.Tensor, vae=None) -> tuple[torch.Tensor, float]:
-    """(what the recipe's model trains on, seconds it took): images as they are, or their scaled VAE latents."""
+def _check_space(recipe: Recipe, vae) -> None:
     if (vae is None) != (recipe.vae is None):
         raise ValueError(f"recipe vae={recipe.vae!r} but a VAE was {'not ' if vae is None else ''}passed")
+
+
+def training_data(recipe: Recipe, x: torch.Tensor, vae=None) -> tuple[torch.Tensor, float]:
+    """(what the recipe's model trains on, seconds it took): images as they are, or their scaled VAE latents."""
+    _check_space(recipe, vae)
     if vae is None:
         return x, 0.0
     t0 = time.perf_counter()
@@ -129,8 +133,7 @@ def generate(recipe: Recipe, model: torch.nn.Module, labels: torch.Tensor, vae=N
     from minidit.flow import sample
 
     kw = {**recipe.sample, **overrides}
-    if (vae is None) != (recipe.vae is None):
-        raise ValueError(f"recipe vae={recipe.vae!r} but a VAE was {'not ' if vae is None else ''}passed")
+    _check_space(recipe, vae)
     if kw.get("guide_scale", 1.0) != 1.0:
         if guide is None:
             raise ValueError(f"this recipe samples with autoguidance (guide_scale {kw['guide_scale']}): pass guide=, "
