@@ -83,13 +83,10 @@ def cmd_train(args) -> int:
         x, y = dataset_tensors(args.dataset, "train", args.data_root, args.download)
     except DataNotAvailableError as e:
         raise CLIError(str(e)) from None
-    vae = recipe_vae(recipe)
-    if vae is not None:  # a latent recipe: train on the VAE's latents of these images
-        want = (vae.config.in_channels, vae.config.image_size, vae.config.image_size)
-        if tuple(x.shape[1:]) != want:
-            raise CLIError(f"recipe {args.recipe!r} trains on VAE {recipe.vae!r}'s latents of {want} images; "
-                           f"dataset {args.dataset!r} has {tuple(x.shape[1:])}")
-        x, _ = training_data(recipe, x, vae)
+    try:  # a latent recipe trains on its VAE's latents of these images (the VAE checks it can encode them)
+        x, _ = training_data(recipe, x, recipe_vae(recipe))
+    except ValueError as e:
+        raise CLIError(f"recipe {args.recipe!r} with dataset {args.dataset!r}: {e}") from None
     model_cfg = get_config(args.config) if args.config else recipe.model
     # the data decides channels and size (e.g. CIFAR-10: 3×32×32)
     model_cfg = replace(model_cfg, in_channels=x.shape[1], input_size=x.shape[2], num_classes=int(y.max()) + 1)

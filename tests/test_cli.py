@@ -110,4 +110,5 @@ def test_latent_train_rejects_images_its_vae_cannot_encode(tmp_path, capsys, mon
 
     monkeypatch.setattr(minidit.data, "dataset_tensors", lambda *a: (torch.zeros(4, 3, 32, 32), torch.zeros(4).long()))
     code, _, err = run(capsys, "train", "--recipe", "latent", "--dataset", "cifar10", "--out", str(tmp_path / "o"))
-    assert code == 2 and "trains on VAE 'vae_mnist_f4c4'" in err and "(3, 32, 32)" in err
+    assert code == 2 and "recipe 'latent' with dataset 'cifar10'" in err
+    assert "the VAE takes images (B, 1, 28, 28)" in err and "(4, 3, 32, 32)" in err
