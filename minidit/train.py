@@ -14,6 +14,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -135,13 +136,17 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0
         self.history: list[dict] = []  # {step, loss, lr, seconds}
+        # On a GPU the next step's batch (CPU generator: noise, t, indices) is drawn by a helper thread while the GPU
+        # runs this step; on the CPU that thread would only take cores from the model, so batches are drawn inline.
+        self._pool = ThreadPoolExecutor(max_workers=1) if self.device.type == "cuda" else None
+        self._next: tuple[int, Future] | None = None  # (step, its host batch being drawn)
 
     # ---- data and randomness: a pure function of (seed, step) -------------------------------------------
     def step_generator(self, step: int) -> torch.Generator:
         return torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
 
-    def batch(self, step: int) -> dict[str, torch.Tensor]:
-        """This process's slice of global batch `step`: x0, y, t (or k), noise, drop_mask."""
+    def host_batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This process's slice of global batch `step` on the CPU: indices, t (or k), noise, drop_mask."""
         N, B = self.images.shape[0], self.cfg.batch_size
         per_epoch = N // B
         epoch, i = divmod(step, per_epoch)
@@ -154,11 +159,22 @@ class Trainer:
             t = torch.randint(0, self.schedule.T, (B,), generator=g)
         noise = torch.randn((B, *self.images.shape[1:]), generator=g)
         drop = torch.rand(B, generator=g) < getattr(self.model.config, "class_dropout", 0.0)
-        lo, hi = self.rank * B // self.world, (self.rank + 1) * B // self.world  # this rank's slice
-        sl = slice(lo, hi)
-        d = self.device
-        return {"x0": self.images[idx[sl].to(d)], "y": self.labels[idx[sl].to(d)], "t": t[sl].to(d),
-                "noise": noise[sl].to(d), "drop_mask": drop[sl].to(d)}
+        sl = slice(self.rank * B // self.world, (self.rank + 1) * B // self.world)  # this rank's slice
+        b = {"idx": idx[sl], "t": t[sl], "noise": noise[sl], "drop_mask": drop[sl]}
+        if self.device.type == "cuda":  # page-locked, so the copies to the GPU do not block the host
+            b = {k: v.pin_memory() for k, v in b.items()}
+        return b
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """This process's slice of global batch `step` on the training device: x0, y, t (or k), noise, drop_mask."""
+        if self._next is not None and self._next[0] == step:
+            b = self._next[1].result()
+        else:
+            b = self.host_batch(step)
+        self._next = None
+        b = {k: v.to(self.device, non_blocking=True) for k, v in b.items()}
+        idx = b.pop("idx")
+        return {"x0": self.images[idx], "y": self.labels[idx], **b}
 
     def progress(self) -> float:
         """Fraction of the run done: by steps, or by training time when a time budget is set (whichever is further).
@@ -169,10 +185,12 @@ class Trainer:
         c = self.cfg
         p = (self.step - c.warmup_steps) / max(1, c.steps - c.warmup_steps)
         if c.time_budget is not None:
-            clock = torch.tensor([self.train_seconds], dtype=torch.float64, device=self.device)
-            if self.world > 1:
-                dist.broadcast(clock, src=0)
-            p = max(p, float(clock) / c.time_budget)
+            clock = self.train_seconds
+            if self.world > 1:  # (on the device: NCCL only moves GPU tensors)
+                t = torch.tensor([clock], dtype=torch.float64, device=self.device)
+                dist.broadcast(t, src=0)
+                clock = float(t)
+            p = max(p, clock / c.time_budget)
         return min(1.0, max(0.0, p))
 
     def lr_at(self, step: int, progress: float | None = None) -> float:
@@ -192,8 +210,7 @@ class Trainer:
     @torch.no_grad()
     def update_ema(self) -> None:
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))  # short runs: warm the EMA up
-        for e, p in zip(self.ema.parameters(), self.model.parameters()):
-            e.lerp_(p.detach(), 1 - decay)
+        torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)  # one call
 
     def train_step(self) -> float:
         """One optimizer update on global batch `self.step`; returns the loss (mean over all processes)."""
@@ -210,6 +227,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
         self.update_ema()
+        if self._pool is not None:  # draw the next batch on the host while the GPU works through this step
+            self._next = (self.step + 1, self._pool.submit(self.host_batch, self.step + 1))
         value = loss.detach()
         if self.world > 1:
             dist.all_reduce(value)

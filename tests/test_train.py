@@ -47,6 +47,24 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, objective):
     assert [h["loss"] for h in full.history] == [h["loss"] for h in resumed.history]
 
 
+def test_batches_drawn_ahead_by_a_helper_thread_change_nothing(tmp_path):
+    """The GPU path draws step s+1's batch in a thread during step s: same batches, same run; a resumed trainer
+    whose drawn-ahead batch is for another step draws its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    inline = make_trainer().run(progress=False)
+    ahead = make_trainer()
+    ahead._pool = ThreadPoolExecutor(max_workers=1)  # what a CUDA device gets
+    ahead.run(steps=3, progress=False, checkpoint_path=tmp_path / "s.safetensors")
+    assert ahead._next is not None and ahead._next[0] == 3
+    ahead.step = 1  # as after loading an older checkpoint: the batch drawn for step 3 must not be used for step 1
+    assert torch.equal(ahead.batch(1)["noise"], inline.batch(1)["noise"]) and ahead._next is None
+    ahead.load(tmp_path / "s.safetensors").run(progress=False)
+    assert [h["loss"] for h in ahead.history] == [h["loss"] for h in inline.history]
+    for a, b in zip(params(inline.model) + params(inline.ema), params(ahead.model) + params(ahead.ema)):
+        assert torch.equal(a, b)
+
+
 def test_ema_warmup_and_update():
     tr = make_trainer()
     before = params(tr.ema)
