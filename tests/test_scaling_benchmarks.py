@@ -64,7 +64,7 @@ def test_gpu_check_timing_code_runs_on_cpu(tmp_path):
     gc = load("gpu_check")
     out = tmp_path / "g.json"
     code = gc.main(["--device", "cpu", "--skip-tests", "--config", "mnist-tiny", "--batch", "8", "--steps", "2",
-                    "--warmup", "1", "--no-compile", "--quick", "--json", str(out)])
+                    "--warmup", "1", "--no-compile", "--quick", "--sdpa", "math", "--json", str(out)])
     assert gc.bare_step_seconds(gc.get_config("DiT-S/2", learn_sigma=False, depth=1), 2, 1, 1, torch.device("cpu"),
                                 compile=False) > 0  # the real config's shapes go through the flow loss
     res = json.loads(out.read_text())
@@ -72,6 +72,7 @@ def test_gpu_check_timing_code_runs_on_cpu(tmp_path):
     for run in ("package", "bare"):
         assert res["throughput"][run]["images_per_s"] > 0 and 0 < res["throughput"][run]["mfu"] < 2
     assert res["throughput"]["tokens"] == 49 and res["bf16_matmul_peak_tflops"] > 0
+    assert res["throughput"]["sdpa"] == "math" and res["throughput"]["datasheet_bf16_tflops"] is None
 
 
 # ---- smoke runs (tiny configs patched in) -------------------------------------------------------------------------
