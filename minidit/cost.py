@@ -119,12 +119,20 @@ def _block_bytes(config: DiTConfig, batch: int, bf16: bool) -> tuple[int, int]:
     D, T, H, r = c.dim, c.num_tokens, c.num_heads, c.mlp_ratio
     hidden = int(D * r)
     weights = 4 * D * D + 2 * D * hidden  # qkv, out-proj, fc1, fc2 (biases and adaLN counted below)
-    if bf16:  # 4 LayerNorm tensors stay fp32, the other 8 + 2r are bf16; plus the bf16 copies of the weights
-        saved = (16 * D + 2 * (8 + 2 * r) * D + 4 * H) * T * batch + 2 * weights
-    else:
-        saved = (4 * (12 + 2 * r) * D + 4 * H) * T * batch
+    act = 2 if bf16 else 4  # bytes per saved activation value: the residual stream is bf16 under autocast too
+    saved = (act * (12 + 2 * r) * D + 4 * H) * T * batch
+    if bf16:
+        saved += 2 * (weights + 6 * D * D)  # the bf16 copies of the weights that the matmuls save (adaLN's too)
     params = weights + 6 * D * D + 13 * D + 2 * hidden  # + adaLN (D → 6D) and biases
     return int(saved), 4 * params
+
+
+def _outside_bytes(c: DiTConfig, batch: int, bf16: bool) -> int:
+    """What the layers outside the blocks save: ≈ 3 vectors of width D per token (the tokens and the final layer's
+    norm/modulation), and under bf16 the bf16 copies of their weights (patch conv, t-MLP, final adaLN and Linear)."""
+    pixels = c.patch_size**2
+    weights = pixels * c.in_channels * c.dim + FREQUENCY_DIM * c.dim + 3 * c.dim**2 + c.dim * pixels * c.out_channels
+    return 3 * (2 if bf16 else 4) * c.dim * c.num_tokens * batch + (2 * weights if bf16 else 0)
 
 
 def dit_activation_bytes(config: DiTConfig, batch: int = 1, bf16: bool = False,
@@ -135,19 +143,19 @@ def dit_activation_bytes(config: DiTConfig, batch: int = 1, bf16: bool = False,
       fp32: 12 + 2·r vectors of width D (r = mlp_ratio): the two LayerNorm inputs and outputs (4), the qkv and fc1
             inputs (2), q, k, v (3), the attention output (1) and out-projection output (1), fc1 output and GELU
             output (2·r), fc2 output (1); SDPA keeps only a log-sum-exp per head, no T×T matrix.
-      bf16 autocast: the 4 LayerNorm tensors stay fp32; the other 8 + 2·r are saved in bf16 (half the bytes),
-            plus the bf16 copies of the block's weights.
-    Outside the blocks ≈ 3·D per token (the final layer's norm/modulation and the tokens). With gradient
-    checkpointing each block keeps only its input (one vector per token) until backward recomputes it.
+      bf16 autocast: all 12 + 2·r in bf16 (half the bytes; the residual stream starts in the patch conv's bf16,
+            `minidit.tokens.add_positions`), plus the bf16 copies of the block's weights.
+    Outside the blocks ≈ 3·D per token (`_outside_bytes`). With gradient checkpointing each block keeps only its
+    input (one vector per token) until backward recomputes it.
     """
     if not isinstance(config, DiTConfig):
         raise TypeError(f"expected a DiTConfig, got {type(config).__name__}")
     if batch < 1:
         raise ValueError(f"batch must be ≥ 1, got {batch}")
     c = config
-    outside = 3 * 4 * c.dim * c.num_tokens * batch
+    outside = _outside_bytes(c, batch, bf16)
     if grad_checkpointing:
-        return int(outside + c.depth * 4 * c.dim * c.num_tokens * batch)
+        return int(outside + c.depth * (2 if bf16 else 4) * c.dim * c.num_tokens * batch)
     return int(outside + c.depth * _block_bytes(c, batch, bf16)[0])
 
 
@@ -162,8 +170,8 @@ def dit_training_peak_bytes(config: DiTConfig, batch: int = 1, bf16: bool = Fals
     """
     c = config
     saved, grads = _block_bytes(c, batch, bf16)
-    keep = saved if not grad_checkpointing else 4 * c.dim * c.num_tokens * batch
-    outside = 3 * 4 * c.dim * c.num_tokens * batch
+    keep = saved if not grad_checkpointing else (2 if bf16 else 4) * c.dim * c.num_tokens * batch
+    outside = _outside_bytes(c, batch, bf16)
     recompute = saved if grad_checkpointing else 0
     temporary = (2 if bf16 else 4) * int(c.dim * c.mlp_ratio) * c.num_tokens * batch
     live = max((c.depth - i) * keep + i * grads for i in range(c.depth + 1))

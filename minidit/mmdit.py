@@ -21,7 +21,7 @@ from minidit.attention import _Recordable, attention, merge_heads, split_heads
 from minidit.blocks import FinalLayer, Mlp, _xavier_linears, gated_add, modulate
 from minidit.checkpoint import config_from_dict
 from minidit.embed import TimestepEmbedder
-from minidit.tokens import PatchEmbed, crop_pos_embed, sincos_2d, unpatchify
+from minidit.tokens import PatchEmbed, add_positions, crop_pos_embed, sincos_2d, unpatchify
 
 
 def joint_attention(
@@ -291,7 +291,7 @@ class MMDiT(nn.Module):
         self.check_inputs(x, t, context, pooled, context_mask)
         p = self.config.patch_size
         h, w = x.shape[2] // p, x.shape[3] // p
-        img = (self.x_embedder(x) + self.pos_embed(h, w)).contiguous()  # (B, T, D); contiguous as in DiT.forward
+        img = add_positions(self.x_embedder(x), self.pos_embed(h, w))  # (B, T, D)
         txt = self.context_embedder(context)  # (B, L, D)
         c = self.t_embedder(t) + self.pooled_embedder(pooled)  # (B, D)
         for block in self.blocks:

@@ -12,7 +12,7 @@ from minidit.attention import ATTENTION_OPTIONS, check_attention_options
 from minidit.blocks import CONDITIONING_BLOCKS, DiTBlock, FinalLayer, PlainFinalLayer
 from minidit.checkpoint import config_from_dict
 from minidit.embed import LabelEmbedder, TimestepEmbedder
-from minidit.tokens import PatchEmbed, sincos_2d, unpatchify
+from minidit.tokens import PatchEmbed, add_positions, sincos_2d, unpatchify
 
 
 @dataclass(frozen=True)
@@ -192,9 +192,7 @@ class DiT(nn.Module):
         drop_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         self.check_inputs(x, t, y)
-        # (B, T, D), made contiguous: the patch conv's output is a transposed view, and a strided residual
-        # stream would make every LayerNorm copy its input (forward and backward)
-        tokens = (self.x_embedder(x) + self.pos_embed).contiguous()
+        tokens = add_positions(self.x_embedder(x), self.pos_embed)  # (B, T, D)
         t_emb, y_emb = self.t_embedder(t), self.y_embedder(y, drop_mask)  # (B, D) each
         c = t_emb + y_emb  # (B, D)
         if self.config.conditioning == "in-context":

@@ -34,7 +34,7 @@ from minidit.flow import sample
 from minidit.mmdit import MMDiT, MMDiTConfig
 from minidit.models import DiT, DiTConfig
 from minidit.text import TextEncoder, Tokenizer, caption_set
-from minidit.tokens import unpatchify
+from minidit.tokens import add_positions, unpatchify
 
 BACKBONES = ("dit", "mmdit")
 
@@ -122,7 +122,7 @@ class CrossAttnDiT(DiT):
     ) -> torch.Tensor:
         y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.check_inputs(x, t, y)
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, T, D)
+        tokens = add_positions(self.x_embedder(x), self.pos_embed)  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y) + self.pooled_embedder(pooled)  # (B, D)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():

@@ -68,6 +68,17 @@ class PatchEmbed(nn.Module):
         return self.proj.weight.permute(0, 2, 3, 1).reshape(self.proj.out_channels, -1)  # (D, p, q, C) → (D, F)
 
 
+def add_positions(tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """tokens (B, T, D) + positions (T, D), in the tokens' dtype, contiguous: the start of the residual stream.
+
+    Under bf16 autocast the patch conv returns bf16 while the sin-cos table is fp32; a plain sum would promote
+    the whole residual stream (every LayerNorm, modulation and gated add after it) to fp32, doubling its memory
+    traffic. diffusers keeps the conv's dtype too. Contiguous: the conv's output is a transposed view, and a
+    strided residual stream would make every LayerNorm copy its input (forward and backward).
+    """
+    return (tokens + pos).to(tokens.dtype).contiguous()  # (B, T, D)
+
+
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """(M,) positions → (M, dim): [sin(pos·ω_k), cos(pos·ω_k)] with ω_k = 10000^(−k/(dim/2))."""
     if dim % 2:
