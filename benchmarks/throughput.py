@@ -8,7 +8,7 @@ bf16 autocast, for the flagship recipe's model (`minidit.recipes.RECIPES["flagsh
 now `mnist-p7`: MNIST patch 7 → 16 tokens, at the recipe's batch) and the course configs at 49, 196 and 256 tokens:
 `mnist-s4` (patch 4), `mnist-s2` (patch 2) and DiT-S/2 on a 32×32×4 latent (velocity output, no learned σ). Beside
 it, the package's whole training step (`minidit.train.Trainer.train_step`: forward, backward, grad clipping, AdamW,
-EMA) for the flagship.
+EMA) for the flagship, alternated with forward + backward alone so that their ratio is the step's overhead.
 
 FLOPs per image use DiT's accounting (`minidit.cost.train_flops_per_image` = 3 × forward matmul FLOPs);
 MFU = achieved model FLOP/s ÷ the fp32 / bf16 matmul peak (`minidit.cost.matmul_peak`) measured in this process,
@@ -80,14 +80,16 @@ def diffusers_sd3(c: MMDiTConfig):
                                  qk_norm="rms_norm" if c.qk_norm else None)
 
 
-def fwd_bwd_fns(kind: str, c: DiTConfig, batch: int) -> dict[str, Callable[[], None]]:
-    """{'minidit': step, 'diffusers': step}: one forward + backward each, same inputs, training mode."""
+def fwd_bwd_fns(kind: str, c: DiTConfig, batch: int, peers: bool = True) -> dict[str, Callable[[], None]]:
+    """{'minidit': step, 'diffusers': step}: one forward + backward each, same inputs, training mode.
+
+    With peers=False only minidit's (diffusers is not imported)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=g)
     t = torch.rand(batch, generator=g)
     if kind == "DiT":
         y = torch.randint(0, c.num_classes, (batch,), generator=g)
-        ours, ref = DiT(c).train(), diffusers_dit(c).train()
+        ours, ref = DiT(c).train(), diffusers_dit(c).train() if peers else None
 
         def run_ours():
             ours(x, t, y).square().mean().backward()
@@ -99,7 +101,7 @@ def fwd_bwd_fns(kind: str, c: DiTConfig, batch: int) -> dict[str, Callable[[], N
     else:
         mc = mmdit_twin(c)
         ctx, pooled = torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g), torch.randn(batch, TEXT_DIM, generator=g)
-        ours, ref = MMDiT(mc).train(), diffusers_sd3(mc).train()
+        ours, ref = MMDiT(mc).train(), diffusers_sd3(mc).train() if peers else None
 
         def run_ours():
             ours(x, t, ctx, pooled).square().mean().backward()
@@ -108,7 +110,7 @@ def fwd_bwd_fns(kind: str, c: DiTConfig, batch: int) -> dict[str, Callable[[], N
         def run_ref():
             ref(x, ctx, pooled, t * 1000).sample.square().mean().backward()
             ref.zero_grad(set_to_none=True)
-    return {"minidit": run_ours, "diffusers": run_ref}
+    return {"minidit": run_ours, "diffusers": run_ref} if peers else {"minidit": run_ours}
 
 
 def alternate(fns: dict[str, Callable[[], None]], rounds: int, calls: int, bf16: bool) -> dict[str, list[float]]:
@@ -175,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             peers = ("diffusers",) if not args.no_peers else ()
             for bf16 in (False, True):
                 dtype = "bf16" if bf16 else "fp32"
-                fns = fwd_bwd_fns(kind, c, batch)
-                fns = {k: v for k, v in fns.items() if k == "minidit" or k in peers}
+                fns = fwd_bwd_fns(kind, c, batch, peers=bool(peers))
                 calls = 1 if c.num_tokens > 200 else 2
                 times = alternate(fns, rounds, calls, bf16)
                 for impl, secs in times.items():
@@ -195,16 +196,21 @@ def main(argv: list[str] | None = None) -> int:
                         "paired_median_speedup": round(paired, 3)})
                     print(f"    minidit {kind} is {ratio:.2f}× diffusers ({dtype}, paired rounds {paired:.2f}×)",
                           flush=True)
-        if name == "flagship":  # the package's whole training step
+        if name == "flagship":  # the package's whole training step, alternated with the bare forward + backward
             for bf16 in (False, True):
                 dtype = "bf16" if bf16 else "fp32"
-                times = alternate({"train_step": train_step_fn(c, batch, bf16)}, rounds, 2, False)
+                fns = {"train_step": train_step_fn(c, batch, bf16),
+                       "fwd_bwd": fwd_bwd_fns("DiT", c, batch, peers=False)["minidit"]}
+                times = alternate(fns, rounds, 2, bf16)
                 rows.append(row(name, "DiT", "Trainer.train_step", c, batch, dtype, times["train_step"],
                                 train_flops_per_image(c), peaks_before))
                 r = rows[-1]
+                r["seconds_vs_fwd_bwd_same_rounds"] = round(
+                    statistics.median(times["train_step"]) / statistics.median(times["fwd_bwd"]), 3)
                 print(f"{name:9s} Trainer.train_step {dtype}: {r['images_per_s']:8.1f} img/s, "
                       f"MFU {100 * r['mfu_vs_own_peak']:5.1f}% of {dtype} peak "
-                      f"({100 * r['mfu_vs_fp32_peak']:5.1f}% of fp32 peak)", flush=True)
+                      f"({100 * r['mfu_vs_fp32_peak']:5.1f}% of fp32 peak); "
+                      f"{r['seconds_vs_fwd_bwd_same_rounds']:.2f}× the time of forward + backward alone", flush=True)
     peaks_after = measure_peaks(peak_s)
     peaks = {k: max(peaks_before[k], peaks_after[k]) for k in peaks_before}
     for r in rows:  # MFU against the better of the two peak measurements (a conservative denominator)
