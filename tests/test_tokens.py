@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from minidit.tokens import PatchEmbed, crop_pos_embed, patchify, sincos_2d, unpatchify
+from minidit.tokens import PatchEmbed, add_positions, crop_pos_embed, patchify, sincos_2d, unpatchify
 
 
 @pytest.mark.parametrize("p", [1, 2, 4])
@@ -85,3 +85,33 @@ def test_crop_is_the_centre_of_the_big_table():
 def test_sincos_bad_dim():
     with pytest.raises(ValueError, match="divisible by 4"):
         sincos_2d(30, 4)
+
+
+def test_residual_stream_keeps_the_patch_convs_dtype_under_autocast():
+    """bf16 patch tokens + the fp32 position table stay bf16 (no fp32 residual stream), and contiguous; in a DiT,
+    the text-conditioned DiT and an MMDiT the first block receives bf16 tokens under autocast, fp32 without."""
+    from minidit.mmdit import MMDiT, MMDiTConfig
+    from minidit.models import DiT, get_config
+    from minidit.t2i import CrossAttnDiT
+
+    tokens = torch.randn(2, 8, 3, 16, dtype=torch.bfloat16).flatten(2).transpose(1, 2)  # (2, 48, 8) strided view
+    out = add_positions(tokens, torch.randn(48, 8))
+    assert out.dtype == torch.bfloat16 and out.is_contiguous()
+    assert add_positions(tokens.float(), torch.randn(48, 8)).dtype == torch.float32
+
+    x, t = torch.randn(2, 1, 28, 28), torch.rand(2)
+    text, pooled = torch.randn(2, 3, 4), torch.randn(2, 4)
+    calls = {
+        "dit": (DiT(get_config("mnist-tiny")), (x, t, torch.tensor([1, 2]))),
+        "text-dit": (CrossAttnDiT(get_config("mnist-tiny", num_classes=1, context_dim=4), pooled_dim=4),
+                     (x, t, text, pooled)),
+        "mmdit": (MMDiT(MMDiTConfig(input_size=28, in_channels=1, patch_size=7, dim=16, depth=2, num_heads=2,
+                                    context_dim=4, pooled_dim=4)), (x, t, text, pooled)),
+    }
+    for name, (model, args) in calls.items():
+        seen: list[torch.dtype] = []
+        model.blocks[0].register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0].dtype))
+        for bf16 in (True, False):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                model.eval()(*args)
+        assert seen == [torch.bfloat16, torch.float32], name
