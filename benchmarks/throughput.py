@@ -16,7 +16,8 @@ before and after the runs (the larger is used).
 
 Peers: diffusers' `DiTTransformer2DModel` and `SD3Transformer2DModel`, built from configs identical to minidit's
 `DiT` and `MMDiT` (nothing downloaded), are timed in alternating rounds (A B, B A, A B, …) so that load from other
-processes hits both alike; the ratio is diffusers' median time ÷ minidit's (> 1: minidit is faster).
+processes hits both alike; the ratio is diffusers' median time ÷ minidit's (> 1: minidit is faster), with the
+median and range of the per-round ratios beside it (their spread is this machine's noise).
 """
 
 from __future__ import annotations
@@ -189,13 +190,15 @@ def main(argv: list[str] | None = None) -> int:
                           f"({100 * r['mfu_vs_fp32_peak']:5.1f}% of fp32 peak)", flush=True)
                 if "diffusers" in times:
                     ratio = statistics.median(times["diffusers"]) / statistics.median(times["minidit"])
-                    paired = statistics.median(d / m for d, m in zip(times["diffusers"], times["minidit"]))
+                    per_round = [d / m for d, m in zip(times["diffusers"], times["minidit"])]
+                    paired = statistics.median(per_round)
                     ratios.append({"config": name, "model": kind, "peer": "diffusers " + (
                         "DiTTransformer2DModel" if kind == "DiT" else "SD3Transformer2DModel"),
                         "dtype": dtype, "tokens": c.num_tokens, "speedup_vs_diffusers": round(ratio, 3),
-                        "paired_median_speedup": round(paired, 3)})
-                    print(f"    minidit {kind} is {ratio:.2f}× diffusers ({dtype}, paired rounds {paired:.2f}×)",
-                          flush=True)
+                        "paired_median_speedup": round(paired, 3),
+                        "paired_range": [round(min(per_round), 3), round(max(per_round), 3)]})
+                    print(f"    minidit {kind} is {ratio:.2f}× diffusers ({dtype}, paired rounds {paired:.2f}×, "
+                          f"from {min(per_round):.2f}× to {max(per_round):.2f}×)", flush=True)
         if name == "flagship":  # the package's whole training step, alternated with the bare forward + backward
             for bf16 in (False, True):
                 dtype = "bf16" if bf16 else "fp32"

@@ -89,6 +89,9 @@ def test_throughput_smoke_writes_ratios_and_mfu(tmp_path, monkeypatch):
                 ("MMDiT", "diffusers", dtype), ("DiT", "Trainer.train_step", dtype)} <= impls
     ratios = res["ratios_vs_diffusers"]
     assert len(ratios) == 4 and all(r["speedup_vs_diffusers"] > 0 for r in ratios)
+    assert all(r["paired_range"][0] <= r["paired_median_speedup"] <= r["paired_range"][1] for r in ratios)
+    step = [r for r in res["rows"] if r["impl"] == "Trainer.train_step"]
+    assert len(step) == 2 and all(r["seconds_vs_fwd_bwd_same_rounds"] > 0 for r in step)
     r = res["rows"][0]
     assert r["mfu_vs_fp32_peak"] == pytest.approx(r["images_per_s"] * r["train_gflops_per_image"] * 1e9 / 1e11,
                                                   rel=1e-3)
