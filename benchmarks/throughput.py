@@ -175,10 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, c, batch in configs:
         for kind in ("DiT", "MMDiT"):
             flops = train_flops_per_image(c if kind == "DiT" else mmdit_twin(c), TEXT_LEN)
-            peers = ("diffusers",) if not args.no_peers else ()
             for bf16 in (False, True):
                 dtype = "bf16" if bf16 else "fp32"
-                fns = fwd_bwd_fns(kind, c, batch, peers=bool(peers))
+                fns = fwd_bwd_fns(kind, c, batch, peers=not args.no_peers)
                 calls = 1 if c.num_tokens > 200 else 2
                 times = alternate(fns, rounds, calls, bf16)
                 for impl, secs in times.items():
