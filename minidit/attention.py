@@ -1,8 +1,10 @@
 """Attention: multi-head self- and cross-attention, fast (SDPA) and explicit (returns the weights).
 
-Training always runs `F.scaled_dot_product_attention`. The explicit softmax path computes the same output
-and also returns the attention weights (B, heads, T_query, T_key); it runs only when asked
-(`return_weights=True`, or while an `AttentionRecorder` is attached, see `minidit.viz`).
+Training runs `F.scaled_dot_product_attention` (SDPA), except for short sequences on a CPU: there PyTorch's fused
+kernel (its backward above all, in bf16 most) is slower than plain matmul → softmax → matmul, so the same math runs
+unfused (`runs_unfused`; `benchmarks/attention_kernels.py` measures both). The explicit path also returns the
+attention weights (B, heads, T_query, T_key), softmax in fp32; it runs only when asked (`return_weights=True`, or
+while an `AttentionRecorder` is attached, see `minidit.viz`).
 
 Masks: a key padding mask is a bool tensor (B, T_key), True = a real token that may be attended to.
 
@@ -38,6 +40,19 @@ def _expand_mask(mask: torch.Tensor | None, B: int, Tk: int) -> torch.Tensor | N
     raise ValueError(f"attention mask must be (B, T_key) or 4-D, got shape {tuple(mask.shape)}")
 
 
+# Up to this many keys, unfused attention was as fast as SDPA or faster (forward + backward, 2-core CPU, three runs
+# of benchmarks/attention_kernels.py): bf16 1.9–3.6× up to 196 keys, 1.45–1.5× at 512, 0.7–1.3× at 1,024;
+# fp32 1.2–1.3× at 16 keys, 1.0–1.1× from 32 to 64, 0.8× at 128. Elsewhere (GPUs, fp16, longer sequences) SDPA runs.
+CPU_UNFUSED_MAX_KEYS = {torch.float32: 64, torch.bfloat16: 512}
+
+
+def runs_unfused(device: torch.device | str, dtype: torch.dtype, keys: int) -> bool:
+    """True where `attention` trains with matmul → softmax → matmul rather than SDPA: on a CPU, short sequences.
+
+    Unfused, autograd keeps the (B, H, T_query, T_key) weights for backward (`minidit.cost` counts them)."""
+    return torch.device(device).type == "cpu" and keys <= CPU_UNFUSED_MAX_KEYS.get(dtype, 0)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -49,7 +64,8 @@ def attention(
     """softmax(q·kᵀ/√d + bias + mask)·v for q (B, H, Tq, d), k/v (B, H, Tk, d); mask as in `_expand_mask`.
 
     `bias` is an optional additive float score bias broadcastable to (B, H, Tq, Tk) (e.g. ALiBi).
-    `return_weights=False` uses SDPA; True uses the explicit path and returns (out, weights (B, H, Tq, Tk)).
+    `return_weights=False` uses SDPA (unfused for short sequences on a CPU, `runs_unfused`); True uses the explicit
+    path and returns (out, weights (B, H, Tq, Tk)).
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be (B, H, T, d), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -57,7 +73,7 @@ def attention(
         raise ValueError(f"bias must be a float tensor (additive scores), got {bias.dtype}; pass bool masks as mask")
     B, _, _, d = q.shape
     m = _expand_mask(mask, B, k.shape[2])
-    if not return_weights:
+    if not return_weights and not runs_unfused(q.device, q.dtype, k.shape[2]):
         if bias is not None:  # SDPA takes one float mask: the bias with -inf where the bool mask forbids
             bias = bias.to(q.dtype)
             m = bias if m is None else bias.masked_fill(~m, float("-inf"))
@@ -67,6 +83,8 @@ def attention(
         scores = scores + bias.to(scores.dtype)
     if m is not None:
         scores = scores.masked_fill(~m, float("-inf"))
+    if not return_weights:  # the unfused training path: softmax in q's dtype (bf16 accumulates in fp32 inside)
+        return scores.softmax(dim=-1) @ v  # (B, H, Tq, d)
     weights = scores.float().softmax(dim=-1).to(q.dtype)
     return weights @ v, weights  # (B, H, Tq, d), (B, H, Tq, Tk)
 
@@ -306,7 +324,7 @@ class Attention(_Recordable):
         if G:
             kt = torch.cat([kt, k_g[:, :, None].expand(B, H, n, G, d)], dim=3)  # (B, H, n, win² + G, d)
             vt = torch.cat([vt, v_g[:, :, None].expand(B, H, n, G, d)], dim=3)
-        out = F.scaled_dot_product_attention(qt.flatten(1, 2), kt.flatten(1, 2), vt.flatten(1, 2))  # (B, H·n, win², d)
+        out = attention(qt.flatten(1, 2), kt.flatten(1, 2), vt.flatten(1, 2))  # (B, H·n, win², d)
         return from_tiles(out.reshape(B, H, n, win * win, d), h, w, win), None
 
 

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import torch
 
+from minidit.attention import runs_unfused
 from minidit.mmdit import MMDiTConfig
 from minidit.models import DiTConfig
 
@@ -113,14 +114,16 @@ def mmdit_flops(config: MMDiTConfig, context_len: int, image_size: int | None = 
 
 
 # ---- activation memory --------------------------------------------------------------------------------------
-def _block_bytes(config: DiTConfig, batch: int, bf16: bool) -> tuple[int, int]:
+def _block_bytes(config: DiTConfig, batch: int, bf16: bool, device: str = "cpu") -> tuple[int, int]:
     """(bytes one adaLN-Zero block saves for backward, bytes of its weight gradients)."""
     c = config
     D, T, H, r = c.dim, c.num_tokens, c.num_heads, c.mlp_ratio
     hidden = int(D * r)
     weights = 4 * D * D + 2 * D * hidden  # qkv, out-proj, fc1, fc2 (biases and adaLN counted below)
     act = 2 if bf16 else 4  # bytes per saved activation value: the residual stream is bf16 under autocast too
-    saved = (act * (12 + 2 * r) * D + 4 * H) * T * batch
+    unfused = runs_unfused(device, torch.bfloat16 if bf16 else torch.float32, T)
+    per_head = act * T if unfused else 4  # the (T × T) softmax weights per head, or SDPA's log-sum-exp
+    saved = (act * (12 + 2 * r) * D + per_head * H) * T * batch
     if bf16:
         saved += 2 * (weights + 6 * D * D)  # the bf16 copies of the weights that the matmuls save (adaLN's too)
     params = weights + 6 * D * D + 13 * D + 2 * hidden  # + adaLN (D → 6D) and biases
@@ -136,15 +139,16 @@ def _outside_bytes(c: DiTConfig, batch: int, bf16: bool) -> int:
 
 
 def dit_activation_bytes(config: DiTConfig, batch: int = 1, bf16: bool = False,
-                         grad_checkpointing: bool = False) -> int:
-    """Bytes autograd holds for backward at the end of a DiT's forward pass (adaLN-Zero blocks, SDPA attention).
+                         grad_checkpointing: bool = False, device: torch.device | str = "cpu") -> int:
+    """Bytes autograd holds for backward at the end of a DiT's forward pass (adaLN-Zero blocks) on `device`.
 
     Per token and block, counted from what each op saves (checked with `saved_tensor_bytes` in tests/test_cost.py):
       fp32: 12 + 2·r vectors of width D (r = mlp_ratio): the two LayerNorm inputs and outputs (4), the qkv and fc1
             inputs (2), q, k, v (3), the attention output (1) and out-projection output (1), fc1 output and GELU
             output (2·r), fc2 output (1); SDPA keeps only a log-sum-exp per head, no T×T matrix.
       bf16 autocast: all 12 + 2·r in bf16 (half the bytes; the residual stream starts in the patch conv's bf16,
-            `minidit.tokens.add_positions`), plus the bf16 copies of the block's weights.
+            `minidit.tokens.add_positions`), plus the bf16 copies of the block's weights. On a CPU, bf16
+            attention runs unfused (`minidit.attention.runs_unfused`) and keeps its T×T weights per head instead.
     Outside the blocks ≈ 3·D per token (`_outside_bytes`). With gradient checkpointing each block keeps only its
     input (one vector per token) until backward recomputes it.
     """
@@ -156,11 +160,11 @@ def dit_activation_bytes(config: DiTConfig, batch: int = 1, bf16: bool = False,
     outside = _outside_bytes(c, batch, bf16)
     if grad_checkpointing:
         return int(outside + c.depth * (2 if bf16 else 4) * c.dim * c.num_tokens * batch)
-    return int(outside + c.depth * _block_bytes(c, batch, bf16)[0])
+    return int(outside + c.depth * _block_bytes(c, batch, bf16, device)[0])
 
 
 def dit_training_peak_bytes(config: DiTConfig, batch: int = 1, bf16: bool = False,
-                            grad_checkpointing: bool = False) -> int:
+                            grad_checkpointing: bool = False, device: torch.device | str = "cpu") -> int:
     """Peak bytes allocated during one forward + backward beyond the weights (no optimizer state).
 
     Backward walks the blocks from last to first: after i blocks, (L − i) blocks' saved activations are still
@@ -169,7 +173,7 @@ def dit_training_peak_bytes(config: DiTConfig, batch: int = 1, bf16: bool = Fals
     hidden gradient, B·T·hidden values).
     """
     c = config
-    saved, grads = _block_bytes(c, batch, bf16)
+    saved, grads = _block_bytes(c, batch, bf16, device)
     keep = saved if not grad_checkpointing else (2 if bf16 else 4) * c.dim * c.num_tokens * batch
     outside = _outside_bytes(c, batch, bf16)
     recompute = saved if grad_checkpointing else 0
@@ -185,6 +189,7 @@ def dit_cost_at(
     patch_size: int | None = None,
     batch: int = 1,
     bf16: bool = False,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Cost of `config`'s architecture for image_size² pixels, a VAE of `latent_factor` and a patch size.
 
@@ -203,7 +208,7 @@ def dit_cost_at(
     return {
         "image_size": image_size, "latent_factor": latent_factor, "patch_size": p, "tokens": cfg.num_tokens,
         "gflops": flops / 1e9, "attention_share": terms["attention"] / flops,
-        "activation_mb": dit_activation_bytes(cfg, batch, bf16) / 2**20,
+        "activation_mb": dit_activation_bytes(cfg, batch, bf16, device=device) / 2**20,
     }
 
 

@@ -2,9 +2,10 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from minidit.attention import Attention, CrossAttention, attention
+from minidit.attention import CPU_UNFUSED_MAX_KEYS, Attention, CrossAttention, attention, runs_unfused
 
 
 def naive_attention(q, k, v, mask=None):
@@ -20,18 +21,50 @@ def naive_attention(q, k, v, mask=None):
     return out
 
 
-def test_sdpa_and_explicit_paths_agree_and_match_definition():
-    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
-    mask = torch.ones(2, 7, dtype=torch.bool)
+@pytest.mark.parametrize("keys", [7, 80])  # fp32 on a CPU: 7 keys run unfused, 80 run SDPA
+def test_sdpa_and_explicit_paths_agree_and_match_definition(keys):
+    assert runs_unfused("cpu", torch.float32, keys) == (keys <= CPU_UNFUSED_MAX_KEYS[torch.float32])
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, keys, 8), torch.randn(2, 3, keys, 8)
+    mask = torch.ones(2, keys, dtype=torch.bool)
     mask[1, 4:] = False
     for m in (None, mask):
         fast = attention(q, k, v, m)
         slow, w = attention(q, k, v, m, return_weights=True)
         ref = naive_attention(q, k, v, m)
         assert torch.allclose(fast, slow, atol=1e-5) and torch.allclose(slow, ref, atol=1e-5)
-        assert w.shape == (2, 3, 5, 7) and torch.allclose(w.sum(-1), torch.ones(2, 3, 5))
+        assert w.shape == (2, 3, 5, keys) and torch.allclose(w.sum(-1), torch.ones(2, 3, 5))
     _, w = attention(q, k, v, mask, return_weights=True)
     assert (w[1, :, :, 4:] == 0).all()
+
+
+def test_which_path_trains_where():
+    """Unfused only on a CPU and only for short sequences (fp32 ≤ 64 keys, bf16 ≤ 512); SDPA everywhere else."""
+    assert runs_unfused("cpu", torch.bfloat16, 512) and not runs_unfused("cpu", torch.bfloat16, 513)
+    assert runs_unfused("cpu", torch.float32, 64) and not runs_unfused("cpu", torch.float32, 65)
+    assert not runs_unfused("cpu", torch.float16, 16)
+    assert not runs_unfused("cuda", torch.bfloat16, 16) and not runs_unfused(torch.device("cuda", 0), torch.float32, 4)
+
+
+@pytest.mark.parametrize("keys", [16, 300, 600])  # bf16: unfused, unfused, SDPA
+def test_bf16_paths_match_fp32_sdpa_forward_and_backward(keys):
+    """Under bf16 autocast on a CPU, whichever path runs gives SDPA's fp32 output and gradients to bf16 precision,
+    with a key padding mask and an additive bias (the ALiBi route)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g) for n in (9, keys, keys))
+    mask = torch.ones(2, keys, dtype=torch.bool)
+    mask[1, keys // 2:] = False
+    bias = -torch.rand(2, 9, keys, generator=g)
+    grad_out = torch.randn(2, 2, 9, 16, generator=g)
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=bias.masked_fill(~mask[:, None, None], float("-inf")))
+    ref.backward(grad_out)
+    ins = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out = attention(*ins, mask, bias=bias)
+    assert out.dtype == torch.bfloat16
+    out.float().backward(grad_out)
+    assert torch.allclose(out.float(), ref, atol=3e-2, rtol=3e-2)
+    for a, b in zip(ins, ref_in):
+        assert torch.allclose(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
 
 
 def test_self_attention_matches_torch_multihead_attention():

@@ -1,6 +1,7 @@
 """The scaling benchmarks' own logic: gpu_check's CPU side (no CUDA here: clean exit, argument checks, MFU
-arithmetic, the timing code run on the CPU) and smoke runs of throughput, cost_model, memory_time and
-attention_variants in a further-shrunk --quick mode (the figures come from full runs in benchmarks/results/)."""
+arithmetic, the timing code run on the CPU) and smoke runs of throughput, cost_model, memory_time,
+attention_variants and attention_kernels in a further-shrunk --quick mode (the figures come from full runs in
+benchmarks/results/)."""
 
 from __future__ import annotations
 
@@ -133,6 +134,17 @@ def test_attention_variants_smoke(tmp_path, monkeypatch):
     assert [r["variant"] for r in res["speed"]] == list(av.VARIANTS) == [r["variant"] for r in res["quality"]]
     flops = {r["variant"]: r["forward_gflops_per_image"] for r in res["speed"]}
     assert flops["window7"] < flops["mha"] and flops["gqa-1kv"] < flops["mha"] == flops["rope-2d"]
+
+
+def test_attention_kernels_smoke(tmp_path):
+    ak = load("attention_kernels")
+    out = tmp_path / "k.json"
+    assert ak.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["dtype"], r["tokens"]) for r in rows] == [("fp32", 16), ("fp32", 256), ("bf16", 16), ("bf16", 256)]
+    assert [r["minidit_runs"] for r in rows] == ["unfused", "sdpa", "unfused", "unfused"]
+    for r in rows:  # the unfused path keeps the T×T weights for backward, SDPA does not
+        assert set(r["ms"]) == {"sdpa", "unfused", "minidit"} and r["peak_mb"]["unfused"] > r["peak_mb"]["sdpa"]
 
 
 # ---- time_to_quality ------------------------------------------------------------------------------------------
