@@ -43,7 +43,9 @@ def _add_train_overrides(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int)
     g.add_argument("--ema-decay", type=float)
     g.add_argument("--objective", choices=["flow", "ddpm"])
-    g.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bfloat16 autocast on / off (default: the recipe's; 'auto' recipes use it where the "
+                        "device has bf16 matmul units)")
     g.add_argument("--grad-checkpointing", action="store_true", default=None)
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--seed", type=int)
@@ -244,6 +246,7 @@ def cmd_demo(args) -> int:
         "recipe": args.recipe,
         "model_config": recipe.model.to_dict(),
         "train_config": asdict(cfg),
+        "bf16_autocast": trainer.bf16,  # what bf16="auto" resolved to on this device
         "sampling": skw,
         **_run_meta(device),
     })

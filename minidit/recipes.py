@@ -40,7 +40,7 @@ RECIPES: dict[str, Recipe] = {
     "latent": Recipe(
         model=get_config("mnist-latent-p2"),
         train=TrainConfig(steps=100_000, batch_size=64, lr=2e-3, warmup_steps=50, ema_decay=0.999,
-                          lr_schedule="cosine", t_mean=0.5, time_budget=175.0),
+                          lr_schedule="cosine", t_mean=0.5, time_budget=175.0, bf16="auto"),
         sample=dict(steps=10, sampler="heun", cfg_scale=1.15, guide_scale=1.75),
         description="class-conditional DiT on the shipped VAE's MNIST latents (4×8×8, patch 2: 16 tokens), "
                     "175 s on the CPU; CFG 1.15 plus autoguidance by its own EMA at 18 % of training",

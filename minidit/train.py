@@ -47,7 +47,7 @@ class TrainConfig:
     t_std: float = 1.0
     t_shift: float = 1.0
     ddpm_schedule: str = "linear"
-    bf16: bool = False  # autocast matmuls to bfloat16 (CPU with AVX-512-BF16/AMX, or GPU)
+    bf16: bool | str = False  # autocast matmuls to bfloat16; "auto": where the device has bf16 matmul units
     grad_checkpointing: bool = False
     compile: bool = False
     seed: int = 0
@@ -70,6 +70,7 @@ class TrainConfig:
             "t_std": self.t_std > 0,
             "t_shift": self.t_shift > 0,
             "ddpm_schedule": self.ddpm_schedule in ("linear", "cosine"),
+            "bf16": self.bf16 in (True, False, "auto"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -95,6 +96,18 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return ddp_env()
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bf16 matrices in hardware: a GPU that supports bf16, or a CPU with AVX-512-BF16
+    or AMX. Elsewhere bf16 autocast is emulated and slower than fp32 (`TrainConfig(bf16="auto")` then stays fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPU-feature probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
 class Trainer:
     """Owns the model, its EMA copy, the optimizer and the step counter for one training run."""
 
@@ -113,6 +126,7 @@ class Trainer:
             raise ValueError("training images contain NaN or Inf")
         self.cfg = config
         self.device = torch.device(device) if device is not None else images.device
+        self.bf16 = native_bf16(self.device) if config.bf16 == "auto" else bool(config.bf16)  # what autocast does
         self.rank, self.world = init_distributed(self.device)
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {self.world} DDP processes")
@@ -219,7 +233,7 @@ class Trainer:
         lr = self.lr_at(self.step, self.progress() if self.cfg.lr_schedule != "constant" else None)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.loss(b)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -89,9 +89,10 @@ def test_evaluate_rejects_wrong_arrays(tmp_path, capsys):
 def test_latent_demo_then_sample_decodes_with_the_recorded_vae(tmp_path, capsys):
     out = tmp_path / "demo"
     code, _, err = run(capsys, "demo", "--recipe", "latent", "--steps", "3", "--time-budget", "0", "--n", "20",
-                       "--out", str(out), "--device", "cpu")
+                       "--out", str(out), "--device", "cpu", "--no-bf16")
     assert code == 0 and "latents of VAE 'vae_mnist_f4c4'" in err
     m = json.loads((out / "metrics.json").read_text())
+    assert m["train_config"]["bf16"] is False and m["bf16_autocast"] is False  # the recipe's "auto", overridden
     assert m["vae"] == "vae_mnist_f4c4" and m["steps"] == 3 and m["n"] == 20
     assert json.loads((out / "model.json").read_text())["vae"] == "vae_mnist_f4c4"
     assert m["sampling"]["guide_scale"] != 1 and 0 < m["guide_step"] < 3  # autoguidance by an early EMA

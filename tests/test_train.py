@@ -8,7 +8,7 @@ import torch
 
 from minidit.data import mnist_tensors
 from minidit.models import DiT, get_config
-from minidit.train import TrainConfig, Trainer
+from minidit.train import TrainConfig, Trainer, native_bf16
 
 CFG = TrainConfig(steps=6, batch_size=16, lr=1e-3, warmup_steps=2, ema_decay=0.9, log_every=1, seed=3)
 
@@ -112,6 +112,25 @@ def test_bf16_and_grad_checkpointing_flags_run():
     tr = make_trainer(replace(CFG, bf16=True, grad_checkpointing=True, steps=2))
     tr.run(progress=False)
     assert tr.model.grad_checkpointing and tr.step == 2
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_auto_follows_the_cpus_bf16_units(monkeypatch, native):
+    """bf16="auto" autocasts only where the CPU multiplies bf16 in hardware (AVX-512-BF16 or AMX)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert native_bf16("cpu") == native
+    tr = make_trainer(replace(CFG, bf16="auto", steps=1))
+    seen = []
+    tr.model.blocks[0].mlp.fc1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    tr.train_step()
+    assert tr.bf16 == native and seen == [torch.bfloat16 if native else torch.float32]
+    assert make_trainer(replace(CFG, bf16=False)).bf16 is False and make_trainer(replace(CFG, bf16=True)).bf16
+
+
+def test_bf16_setting_is_checked():
+    with pytest.raises(ValueError, match="bf16='yes'"):
+        TrainConfig(bf16="yes")
 
 
 def test_resume_rejects_other_config(tmp_path):
