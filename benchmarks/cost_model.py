@@ -5,7 +5,7 @@
 
 1. Model only (the figure of notebook 12): a DiT-XL/2-sized network at 256–2048 px in pixel space and on
    8× / 16× latents with patch 1–8: tokens, forward GFLOPs per image (DiT's accounting), attention's share of
-   them, and bf16 training activation memory per image.
+   them, and bf16 training activation memory per image (as trained on a GPU, with SDPA).
 2. Check, on this machine: small DiTs that vary tokens (image size × patch, 4,096 tokens per batch), depth and
    width. For each, one
    forward + backward in fp32 is timed (alternating rounds) and its peak memory measured with torch.profiler's
@@ -44,7 +44,7 @@ def model_table(name: str = "DiT-XL/2") -> list[dict]:
     rows = []
     for res in RESOLUTIONS:
         for f, p in SPACES:
-            r = dit_cost_at(base, res, latent_factor=f, patch_size=p, bf16=True)
+            r = dit_cost_at(base, res, latent_factor=f, patch_size=p, bf16=True, device="cuda")  # GPU-scale: SDPA
             rows.append({"model": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}})
     return rows
 
