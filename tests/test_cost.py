@@ -122,6 +122,16 @@ def test_activation_model_matches_saved_tensors(bf16, ckpt):
     assert dit_activation_bytes(cfg, B, bf16, ckpt) == pytest.approx(measured, rel=0.15)
 
 
+def test_activation_model_counts_attention_weights_only_where_attention_runs_unfused():
+    """bf16 on a CPU keeps each head's T×T weights (minidit.attention.runs_unfused); on a GPU SDPA keeps a
+    log-sum-exp per head and query instead."""
+    cfg, B = get_config("mnist-s2", depth=3), 8
+    T, H = cfg.num_tokens, cfg.num_heads
+    cpu, gpu = dit_activation_bytes(cfg, B, bf16=True), dit_activation_bytes(cfg, B, bf16=True, device="cuda")
+    assert cpu - gpu == cfg.depth * B * H * T * (2 * T - 4)
+    assert dit_activation_bytes(cfg, B) == dit_activation_bytes(cfg, B, device="cuda")  # fp32 at 196 keys: SDPA
+
+
 def test_training_peak_model_matches_profiler():
     cfg = get_config("mnist-s4", depth=3)
     model = DiT(cfg).train()
