@@ -1,7 +1,7 @@
 """Fused SDPA against unfused matmul → softmax → matmul on this CPU, fp32 and bf16: the rule in minidit.attention.
 
-    python benchmarks/attention_kernels.py --json benchmarks/results/attention_kernels.json   # ≈ 2 min on 2 cores
-    python benchmarks/attention_kernels.py --quick                                             # ≈ 20 s
+    python benchmarks/attention_kernels.py --json benchmarks/results/attention_kernels.json   # ≈ 40 s on 2 cores
+    python benchmarks/attention_kernels.py --quick                                             # ≈ 5 s
 
 What is timed: one forward + backward of self-attention as a DiT block runs it — q, k, v split from one Linear's
 output, 4 heads of width 32, heads merged into the output Linear — with about 1,024 tokens per batch

@@ -40,9 +40,9 @@ def _expand_mask(mask: torch.Tensor | None, B: int, Tk: int) -> torch.Tensor | N
     raise ValueError(f"attention mask must be (B, T_key) or 4-D, got shape {tuple(mask.shape)}")
 
 
-# Up to this many keys, unfused attention was as fast as SDPA or faster (forward + backward, 2-core CPU, three runs
-# of benchmarks/attention_kernels.py): bf16 1.9–3.6× up to 196 keys, 1.45–1.5× at 512, 0.7–1.3× at 1,024;
-# fp32 1.2–1.3× at 16 keys, 1.0–1.1× from 32 to 64, 0.8× at 128. Elsewhere (GPUs, fp16, longer sequences) SDPA runs.
+# Up to this many keys, unfused attention was as fast as SDPA or faster (forward + backward, 2-core CPU, four runs
+# of benchmarks/attention_kernels.py): bf16 1.7–3.8× up to 196 keys, 1.45–1.6× at 512, 0.7–1.3× at 1,024;
+# fp32 1.2–1.3× at 16 keys, 1.0–1.1× from 32 to 64, 0.8–0.9× at 128. Elsewhere (GPUs, fp16, longer sequences) SDPA.
 CPU_UNFUSED_MAX_KEYS = {torch.float32: 64, torch.bfloat16: 512}
 
 

@@ -114,7 +114,7 @@ def mmdit_flops(config: MMDiTConfig, context_len: int, image_size: int | None = 
 
 
 # ---- activation memory --------------------------------------------------------------------------------------
-def _block_bytes(config: DiTConfig, batch: int, bf16: bool, device: str = "cpu") -> tuple[int, int]:
+def _block_bytes(config: DiTConfig, batch: int, bf16: bool, device: torch.device | str = "cpu") -> tuple[int, int]:
     """(bytes one adaLN-Zero block saves for backward, bytes of its weight gradients)."""
     c = config
     D, T, H, r = c.dim, c.num_tokens, c.num_heads, c.mlp_ratio
@@ -147,8 +147,9 @@ def dit_activation_bytes(config: DiTConfig, batch: int = 1, bf16: bool = False,
             inputs (2), q, k, v (3), the attention output (1) and out-projection output (1), fc1 output and GELU
             output (2·r), fc2 output (1); SDPA keeps only a log-sum-exp per head, no T×T matrix.
       bf16 autocast: all 12 + 2·r in bf16 (half the bytes; the residual stream starts in the patch conv's bf16,
-            `minidit.tokens.add_positions`), plus the bf16 copies of the block's weights. On a CPU, bf16
-            attention runs unfused (`minidit.attention.runs_unfused`) and keeps its T×T weights per head instead.
+            `minidit.tokens.add_positions`), plus the bf16 copies of the block's weights.
+      On a CPU, short sequences (fp32 ≤ 64 tokens, bf16 ≤ 512, `minidit.attention.runs_unfused`) run attention
+            unfused, which keeps each head's T×T weights instead of SDPA's log-sum-exp.
     Outside the blocks ≈ 3·D per token (`_outside_bytes`). With gradient checkpointing each block keeps only its
     input (one vector per token) until backward recomputes it.
     """
