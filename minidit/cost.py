@@ -18,6 +18,7 @@ figure of notebook 12), and model FLOPs utilisation against a matmul peak measur
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -262,6 +263,9 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
+    # Kineto, the profiler's engine, logs each start/stop (and a failed GPU probe on CPU-only machines) to stderr,
+    # which a notebook shows; its levels run 0-5, so 6 silences it unless the user chose a level.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, profile_memory=True) as prof:
         fn()

@@ -3,6 +3,9 @@ autograd's saved tensors, the profiler's allocations, and closed-form MFU arithm
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -159,6 +162,17 @@ def test_peak_memory_sees_a_known_allocation():
 
     peak = peak_memory_bytes(fn)
     assert 16e6 <= peak < 17e6
+
+
+def test_peak_memory_keeps_the_profilers_log_lines_out_of_stderr():
+    """Kineto would print "profiler_start"/"profiler_stop" (and a failed GPU probe) on every call: notebook noise."""
+    code = ("import torch; from minidit.cost import peak_memory_bytes; "
+            "print(peak_memory_bytes(lambda: torch.ones(1000) * 2))")
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}  # a fresh process: kineto not started
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert int(run.stdout) >= 4000
+    assert "profiler_st" not in run.stderr and "gpuGetDeviceCount" not in run.stderr, run.stderr
 
 
 def test_mfu_arithmetic_and_validation():
