@@ -89,6 +89,17 @@ def attention(
     return weights @ v, weights  # (B, H, Tq, d), (B, H, Tq, Tk)
 
 
+class QKNorm(nn.RMSNorm):
+    """RMSNorm of each head's q or k (QK-norm) with the gain cast to the input's dtype: under bf16 autocast the
+    inputs are bf16 and an fp32 gain would keep PyTorch off its fused kernel (and make it warn)."""
+
+    def __init__(self, head_dim: int, eps: float = 1e-6):
+        super().__init__(head_dim, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(B, T, H·d) → (B, H, T, d)."""
     B, T, D = x.shape
@@ -267,8 +278,8 @@ class Attention(_Recordable):
         self.n_kv_heads = num_heads if n_kv_heads is None else n_kv_heads
         self.window, self.global_tokens = window, global_tokens
         self.qkv = nn.Linear(dim, dim + 2 * self.n_kv_heads * self.head_dim, bias=qkv_bias)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = QKNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = QKNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.rope, self.alibi = rope, alibi
         if rope:
@@ -338,8 +349,8 @@ class CrossAttention(_Recordable):
         self.num_heads, self.head_dim, self.context_dim = num_heads, dim // num_heads, context_dim
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = QKNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = QKNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from minidit.attention import _Recordable, attention, merge_heads, split_heads
+from minidit.attention import QKNorm, _Recordable, attention, merge_heads, split_heads
 from minidit.blocks import FinalLayer, Mlp, _xavier_linears, gated_add, modulate
 from minidit.checkpoint import config_from_dict
 from minidit.embed import TimestepEmbedder
@@ -80,7 +80,7 @@ class JointAttention(_Recordable):
         self.proj_txt = None if pre_only else nn.Linear(dim, dim)
 
     def _qk_norm(self, on: bool) -> nn.Module:
-        return nn.RMSNorm(self.head_dim, eps=1e-6) if on else nn.Identity()
+        return QKNorm(self.head_dim) if on else nn.Identity()
 
     def _heads(self, qkv: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = qkv(x).split(x.shape[-1], dim=-1)  # (B, T, D) ×3

@@ -1,11 +1,12 @@
 import math
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidit.attention import CPU_UNFUSED_MAX_KEYS, Attention, CrossAttention, attention, runs_unfused
+from minidit.attention import CPU_UNFUSED_MAX_KEYS, Attention, CrossAttention, QKNorm, attention, runs_unfused
 
 
 def naive_attention(q, k, v, mask=None):
@@ -126,6 +127,22 @@ def test_mask_errors():
         CrossAttention(8, 12, 2)(torch.randn(1, 3, 8), torch.randn(1, 3, 8))
     with pytest.raises(ValueError, match="not divisible"):
         Attention(10, 4)
+
+
+def test_qk_norm_is_rmsnorm_and_runs_bf16_without_the_dtype_mismatch_warning():
+    ref, qk = nn.RMSNorm(8, eps=1e-6), QKNorm(8)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    qk.load_state_dict(ref.state_dict())  # same parameters, same names
+    x = torch.randn(2, 3, 5, 8, requires_grad=True)
+    assert torch.equal(qk(x), ref(x))  # fp32: identical
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nn.RMSNorm warns here: bf16 input, fp32 weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = qk(x.bfloat16())
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and qk.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref(x).detach(), atol=3e-2, rtol=2e-2)
 
 
 def test_qk_norm_normalises_each_head():
