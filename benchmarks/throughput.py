@@ -12,7 +12,8 @@ EMA) for the flagship, alternated with forward + backward alone so that their ra
 
 FLOPs per image use DiT's accounting (`minidit.cost.train_flops_per_image` = 3 × forward matmul FLOPs);
 MFU = achieved model FLOP/s ÷ the fp32 / bf16 matmul peak (`minidit.cost.matmul_peak`) measured in this process,
-before and after the runs (the larger is used).
+before and after the runs (the larger is used). With more than one thread, the flagship's fp32 forward + backward
+is also timed on 1 thread, alternated, each against the matmul peak of its own thread count: where the MFU is lost.
 
 Peers: diffusers' `DiTTransformer2DModel` and `SD3Transformer2DModel`, built from configs identical to minidit's
 `DiT` and `MMDiT` (nothing downloaded), are timed in alternating rounds (A B, B A, A B, …) so that load from other
@@ -131,6 +132,36 @@ def train_step_fn(c: DiTConfig, batch: int, bf16: bool) -> Callable[[], None]:
     return trainer.train_step
 
 
+def thread_scaling(c: DiTConfig, batch: int, threads: int, rounds: int, peak_s: float) -> dict:
+    """fp32 forward + backward of `c` on 1 thread and on `threads`, alternated, each against its own matmul peak.
+
+    Where MFU falls as threads are added, the step's small and elementwise operations scale worse than the
+    matmul peak does (fixed per-operation costs and memory-bound passes do not halve with two threads)."""
+    step = fwd_bwd_fns("DiT", c, batch, peers=False)["minidit"]
+
+    def on(n: int) -> Callable[[], None]:
+        def run():
+            torch.set_num_threads(n)
+            step()
+        return run
+
+    counts = (1, threads)
+    times = time_alternating({n: on(n) for n in counts}, rounds, 2)
+    peaks = {}
+    for n in counts:
+        torch.set_num_threads(n)
+        peaks[n] = matmul_peak(torch.float32, seconds=peak_s)
+    torch.set_num_threads(threads)
+    flops = train_flops_per_image(c)
+    res = {str(n): {"seconds_per_step": round(statistics.median(times[n]), 5),
+                    "fp32_peak_gflops": round(peaks[n] / 1e9, 1),
+                    "mfu_vs_this_thread_count_peak": round(mfu(batch / statistics.median(times[n]), flops, peaks[n]), 4)}
+           for n in counts}
+    res["step_speedup"] = round(statistics.median(times[1]) / statistics.median(times[threads]), 3)
+    res["peak_speedup"] = round(peaks[threads] / peaks[1], 3)
+    return res
+
+
 def row(name, kind, impl, c, batch, dtype, secs, flops, peaks) -> dict:
     med = statistics.median(secs)
     ips = batch / med
@@ -213,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"MFU {100 * r['mfu_vs_own_peak']:5.1f}% of {dtype} peak "
                       f"({100 * r['mfu_vs_fp32_peak']:5.1f}% of fp32 peak); "
                       f"{r['seconds_vs_fwd_bwd_same_rounds']:.2f}× the time of forward + backward alone", flush=True)
+    scaling = None
+    if args.threads > 1 and any(name == "flagship" for name, _, _ in configs):
+        c, batch = configs[0][1], configs[0][2]
+        scaling = thread_scaling(c, batch, args.threads, rounds, peak_s)
+        one, many = scaling["1"], scaling[str(args.threads)]
+        print(f"flagship DiT fp32 forward + backward: 1 thread {100 * one['mfu_vs_this_thread_count_peak']:.1f}% of "
+              f"the 1-thread fp32 peak, {args.threads} threads {100 * many['mfu_vs_this_thread_count_peak']:.1f}% "
+              f"of the {args.threads}-thread peak; the step runs {scaling['step_speedup']:.2f}× faster on "
+              f"{args.threads} threads where the matmul peak grows {scaling['peak_speedup']:.2f}×", flush=True)
     peaks_after = measure_peaks(peak_s)
     peaks = {k: max(peaks_before[k], peaks_after[k]) for k in peaks_before}
     for r in rows:  # MFU against the better of the two peak measurements (a conservative denominator)
@@ -239,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                         "after": {k: v / 1e9 for k, v in peaks_after.items()}},
         "rows": rows, "ratios_vs_diffusers": ratios,
         "flagship_best": best,
+        "flagship_fp32_thread_scaling": scaling,
     }
     if args.json:
         write_json(args.json, result)

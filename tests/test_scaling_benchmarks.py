@@ -99,6 +99,22 @@ def test_throughput_smoke_writes_ratios_and_mfu(tmp_path, monkeypatch):
     assert res["flagship_best"]["impl"] in ("minidit", "Trainer.train_step")
 
 
+def test_throughput_thread_scaling_measures_each_thread_count_against_its_own_peak(monkeypatch):
+    tp = load("throughput")
+    monkeypatch.setattr(tp, "matmul_peak", lambda dtype, seconds: 1e10 * torch.get_num_threads())
+    before = torch.get_num_threads()
+    c = get_config("mnist-tiny")
+    res = tp.thread_scaling(c, 4, 2, rounds=2, peak_s=0.01)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(before)
+    assert res["peak_speedup"] == 2.0 and res["step_speedup"] > 0
+    for n, peak in (("1", 1e10), ("2", 2e10)):
+        r = res[n]
+        assert r["fp32_peak_gflops"] == peak / 1e9
+        assert r["mfu_vs_this_thread_count_peak"] == pytest.approx(
+            4 / r["seconds_per_step"] * train_flops_per_image(c) / peak, rel=1e-2)
+
+
 def test_cost_model_smoke(tmp_path, monkeypatch):
     cm = load("cost_model")
     tiny = [("T=16", get_config("mnist-tiny", input_size=16), 4), ("T=64", get_config("mnist-tiny", input_size=32), 2)]
