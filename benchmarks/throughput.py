@@ -153,11 +153,11 @@ def thread_scaling(c: DiTConfig, batch: int, threads: int, rounds: int, peak_s: 
         peaks[n] = matmul_peak(torch.float32, seconds=peak_s)
     torch.set_num_threads(threads)
     flops = train_flops_per_image(c)
-    res = {str(n): {"seconds_per_step": round(statistics.median(times[n]), 5),
-                    "fp32_peak_gflops": round(peaks[n] / 1e9, 1),
-                    "mfu_vs_this_thread_count_peak": round(mfu(batch / statistics.median(times[n]), flops, peaks[n]), 4)}
+    med = {n: statistics.median(times[n]) for n in counts}
+    res = {str(n): {"seconds_per_step": round(med[n], 5), "fp32_peak_gflops": round(peaks[n] / 1e9, 1),
+                    "mfu_vs_this_thread_count_peak": round(mfu(batch / med[n], flops, peaks[n]), 4)}
            for n in counts}
-    res["step_speedup"] = round(statistics.median(times[1]) / statistics.median(times[threads]), 3)
+    res["step_speedup"] = round(med[1] / med[threads], 3)
     res["peak_speedup"] = round(peaks[threads] / peaks[1], 3)
     return res
 
