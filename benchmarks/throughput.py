@@ -245,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"({100 * r['mfu_vs_fp32_peak']:5.1f}% of fp32 peak); "
                       f"{r['seconds_vs_fwd_bwd_same_rounds']:.2f}× the time of forward + backward alone", flush=True)
     scaling = None
-    if args.threads > 1 and any(name == "flagship" for name, _, _ in configs):
-        c, batch = configs[0][1], configs[0][2]
+    flagship = [(c, batch) for name, c, batch in configs if name == "flagship"]
+    if args.threads > 1 and flagship:
+        c, batch = flagship[0]
         scaling = thread_scaling(c, batch, args.threads, rounds, peak_s)
         one, many = scaling["1"], scaling[str(args.threads)]
         print(f"flagship DiT fp32 forward + backward: 1 thread {100 * one['mfu_vs_this_thread_count_peak']:.1f}% of "
