@@ -104,9 +104,11 @@ def test_throughput_thread_scaling_measures_each_thread_count_against_its_own_pe
     monkeypatch.setattr(tp, "matmul_peak", lambda dtype, seconds: 1e10 * torch.get_num_threads())
     before = torch.get_num_threads()
     c = get_config("mnist-tiny")
-    res = tp.thread_scaling(c, 4, 2, rounds=2, peak_s=0.01)
-    assert torch.get_num_threads() == 2
-    torch.set_num_threads(before)
+    try:
+        res = tp.thread_scaling(c, 4, 2, rounds=2, peak_s=0.01)
+        assert torch.get_num_threads() == 2  # left at the run's thread count
+    finally:
+        torch.set_num_threads(before)
     assert res["peak_speedup"] == 2.0 and res["step_speedup"] > 0
     for n, peak in (("1", 1e10), ("2", 2e10)):
         r = res[n]
