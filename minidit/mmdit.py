@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from minidit.attention import QKNorm, _Recordable, attention, merge_heads, split_heads
 from minidit.blocks import FinalLayer, Mlp, _xavier_linears, gated_add, modulate
 from minidit.checkpoint import config_from_dict
 from minidit.embed import TimestepEmbedder
+from minidit.models import apply_block, backbone_checks
 from minidit.tokens import PatchEmbed, add_positions, crop_pos_embed, sincos_2d, unpatchify
 
 
@@ -182,13 +182,7 @@ class MMDiTConfig:
     def __post_init__(self):
         grid = self.input_size // max(self.patch_size, 1)
         checks = {
-            "input_size": self.input_size >= 1,
-            "in_channels": self.in_channels >= 1,
-            "patch_size": self.patch_size >= 1 and self.input_size % self.patch_size == 0,
-            "dim": self.dim >= 4 and self.dim % 4 == 0,
-            "depth": self.depth >= 1,
-            "num_heads": self.num_heads >= 1 and self.dim % self.num_heads == 0,
-            "mlp_ratio": self.mlp_ratio > 0,
+            **backbone_checks(self),
             "context_dim": self.context_dim >= 1,
             "pooled_dim": self.pooled_dim >= 1,
             "pos_embed_max_size": self.pos_embed_max_size is None or self.pos_embed_max_size >= grid,
@@ -294,10 +288,8 @@ class MMDiT(nn.Module):
         img = add_positions(self.x_embedder(x), self.pos_embed(h, w))  # (B, T, D)
         txt = self.context_embedder(context)  # (B, L, D)
         c = self.t_embedder(t) + self.pooled_embedder(pooled)  # (B, D)
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                img, txt = checkpoint(block, img, txt, c, context_mask, use_reentrant=False)
-            else:
-                img, txt = block(img, txt, c, context_mask)
+            img, txt = apply_block(block, ckpt, img, txt, c, context_mask)  # (B, T, D), (B, L, D)
         out = self.final_layer(img, c)  # (B, T, p·p·C)
         return unpatchify(out, p, self.config.in_channels, h, w)  # (B, C, H, W)

@@ -15,6 +15,24 @@ from minidit.embed import LabelEmbedder, TimestepEmbedder
 from minidit.tokens import PatchEmbed, add_positions, sincos_2d, unpatchify
 
 
+def backbone_checks(c) -> dict[str, bool]:
+    """Field name → valid, for the image-transformer fields that DiTConfig and MMDiTConfig share."""
+    return {
+        "input_size": c.input_size >= 1,
+        "in_channels": c.in_channels >= 1,
+        "patch_size": c.patch_size >= 1 and c.input_size % c.patch_size == 0,
+        "dim": c.dim >= 4 and c.dim % 4 == 0,  # the 2D sin-cos table splits D into four quarters
+        "depth": c.depth >= 1,
+        "num_heads": c.num_heads >= 1 and c.dim % c.num_heads == 0,
+        "mlp_ratio": c.mlp_ratio > 0,
+    }
+
+
+def apply_block(block: nn.Module, checkpointed: bool, *args):
+    """block(*args); with `checkpointed`, its activations are recomputed in backward instead of kept."""
+    return checkpoint(block, *args, use_reentrant=False) if checkpointed else block(*args)
+
+
 @dataclass(frozen=True)
 class DiTConfig:
     """Everything that fixes a DiT's architecture (saved as JSON beside every checkpoint)."""
@@ -40,13 +58,7 @@ class DiTConfig:
 
     def __post_init__(self):
         checks = {
-            "input_size": self.input_size >= 1,
-            "in_channels": self.in_channels >= 1,
-            "patch_size": self.patch_size >= 1 and self.input_size % self.patch_size == 0,
-            "dim": self.dim >= 4 and self.dim % 4 == 0,
-            "depth": self.depth >= 1,
-            "num_heads": self.num_heads >= 1 and self.dim % self.num_heads == 0,
-            "mlp_ratio": self.mlp_ratio > 0,
+            **backbone_checks(self),
             "num_classes": self.num_classes >= 1,
             "class_dropout": 0 <= self.class_dropout < 1,
             "context_dim": self.context_dim is None or self.context_dim >= 1,
@@ -199,15 +211,19 @@ class DiT(nn.Module):
             tokens = torch.cat([torch.stack([t_emb, y_emb], dim=1), tokens], dim=1)  # (B, 2 + T, D)
         elif self.config.conditioning == "cross-attention":
             context = torch.stack([t_emb, y_emb], dim=1)  # (B, 2, D): the keys/values of every block
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, context, context_mask)
+        tokens = self.run_blocks(tokens, c, context, context_mask)
         if self.config.conditioning == "in-context":
             tokens = tokens[:, 2:]  # (B, T, D): drop the two condition tokens before the final layer
         out = self.final_layer(tokens, c)  # (B, T, p·p·C_out)
         return unpatchify(out, self.config.patch_size, self.config.out_channels)  # (B, C_out, H, W)
+
+    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
+                   context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T, D) through every block (checkpointed when `grad_checkpointing` is on and training)."""
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            tokens = apply_block(block, ckpt, tokens, c, context, context_mask)  # (B, T, D)
+        return tokens
 
 
 # ---- saving and loading models ---------------------------------------------------------------------------

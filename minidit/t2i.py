@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from minidit.checkpoint import config_from_dict
 from minidit.data import COLOURS, POSITIONS, SHAPES, SIZES, CaptionedShapes, ShapeSpec, caption_for
@@ -124,11 +123,7 @@ class CrossAttnDiT(DiT):
         self.check_inputs(x, t, y)
         tokens = add_positions(self.x_embedder(x), self.pos_embed)  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y) + self.pooled_embedder(pooled)  # (B, D)
-        for block in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                tokens = checkpoint(block, tokens, c, context, context_mask, use_reentrant=False)
-            else:
-                tokens = block(tokens, c, context, context_mask)
+        tokens = self.run_blocks(tokens, c, context, context_mask)  # (B, T, D)
         out = self.final_layer(tokens, c)  # (B, T, p·p·C)
         return unpatchify(out, self.config.patch_size, self.config.out_channels)  # (B, C, H, W)
 
