@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict, replace
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from minidit.checkpoint import write_json
+from minidit.runinfo import machine
 
 
 class CLIError(Exception):
@@ -65,9 +65,6 @@ def _train_config(recipe_train, args) -> object:
         raise CLIError(str(e)) from None
 
 
-def _run_meta(device: torch.device) -> dict:
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device),
-            "machine": platform.processor() or platform.machine(), "python": platform.python_version()}
 
 
 # ---- train ---------------------------------------------------------------------------------------------
@@ -248,7 +245,7 @@ def cmd_demo(args) -> int:
         "train_config": asdict(cfg),
         "bf16_autocast": trainer.bf16,  # what bf16="auto" resolved to on this device
         "sampling": skw,
-        **_run_meta(device),
+        "machine": machine(device),
     })
     write_json(out / "metrics.json", metrics)
     print(f"conditional accuracy {metrics['conditional_accuracy']:.3f} | feature-FID {metrics['fid']:.3f} "
@@ -270,24 +267,6 @@ def cmd_classifier(args) -> int:
 
 
 # ---- grade, exercises, autograder (see minidit.grading) ----------------------------------------------------
-def cmd_grade(args) -> int:
-    from minidit.grading.cli import cmd_grade as run
-
-    return run(args)
-
-
-def cmd_exercises(args) -> int:
-    from minidit.grading.cli import cmd_exercises as run
-
-    return run(args)
-
-
-def cmd_autograder(args) -> int:
-    from minidit.grading.cli import cmd_autograder as run
-
-    return run(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from minidit.data import DATASETS
     from minidit.models import CONFIGS
@@ -350,17 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None)
     c.set_defaults(func=cmd_classifier)
 
-    from minidit.grading.cli import add_autograder_arguments, add_exercises_arguments, add_grade_arguments
+    from minidit.grading.cli import add_commands
 
-    g = sub.add_parser("grade", help="grade a submitted assignment notebook (score table, Gradescope results.json)")
-    add_grade_arguments(g)
-    g.set_defaults(func=cmd_grade)
-    x = sub.add_parser("exercises", help="regenerate exercises/ from solutions/ (same as `make exercises`)")
-    add_exercises_arguments(x)
-    x.set_defaults(func=cmd_exercises)
-    a = sub.add_parser("autograder", help="write a Gradescope autograder zip for an assignment")
-    add_autograder_arguments(a)
-    a.set_defaults(func=cmd_autograder)
+    add_commands(sub, exercises_name="exercises")  # grade, exercises, autograder
 
     return p
 

@@ -52,6 +52,19 @@ def test_demo_writes_metrics(tmp_path, capsys):
     for k in ("conditional_accuracy", "fid", "fid_floor", "train_seconds", "steps", "parameters"):
         assert k in m
     assert m["steps"] == 3 and (tmp_path / "samples.png").exists() and (tmp_path / "loss.png").exists()
+    assert m["machine"]["device"] == "cpu" and m["machine"]["threads"] >= 1  # where the figures were measured
+
+
+def test_grading_commands_match_between_the_two_front_ends():
+    from minidit.cli import build_parser
+    from minidit.grading.cli import build_parser as grading_parser
+
+    ours = build_parser().parse_args(["grade", "nb.ipynb", "--timeout", "7", "--json", "r.json"])
+    theirs = grading_parser().parse_args(["grade", "nb.ipynb", "--timeout", "7", "--json", "r.json"])
+    assert vars(ours) == vars(theirs) and ours.timeout == 7.0 and ours.json_path == "r.json"
+    assert build_parser().parse_args(["exercises", "--check"]).func is \
+        grading_parser().parse_args(["make-exercises", "--check"]).func
+    assert build_parser().parse_args(["autograder", "A1"]).assignment == "A1"
 
 
 @pytest.mark.parametrize("argv,match", [

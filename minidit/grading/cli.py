@@ -77,18 +77,24 @@ def cmd_autograder(args) -> int:
     return 0
 
 
+def add_commands(sub, exercises_name: str = "make-exercises") -> None:
+    """Register `grade`, the exercises command (named `exercises_name`) and `autograder` on a subparsers object."""
+    commands = [
+        ("grade", "grade a submitted assignment notebook (score table, Gradescope results.json)",
+         add_grade_arguments, cmd_grade),
+        (exercises_name, "regenerate exercises/ from solutions/ (same as `make exercises`)",
+         add_exercises_arguments, cmd_exercises),
+        ("autograder", "write a Gradescope autograder zip for an assignment", add_autograder_arguments, cmd_autograder),
+    ]
+    for name, help_text, add_arguments, run in commands:
+        sp = sub.add_parser(name, help=help_text)
+        add_arguments(sp)
+        sp.set_defaults(func=run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minidit.grading", description="minidit's exercises and grader")
-    sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("grade", help="grade a submitted notebook")
-    add_grade_arguments(g)
-    g.set_defaults(func=cmd_grade)
-    e = sub.add_parser("make-exercises", help="regenerate exercises/ from solutions/")
-    add_exercises_arguments(e)
-    e.set_defaults(func=cmd_exercises)
-    a = sub.add_parser("autograder", help="write a Gradescope autograder zip for an assignment")
-    add_autograder_arguments(a)
-    a.set_defaults(func=cmd_autograder)
+    add_commands(p.add_subparsers(dest="command", required=True))
     return p
 
 

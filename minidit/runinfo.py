@@ -1,0 +1,42 @@
+"""What every measurement records beside its figures: the command that reproduces it and the machine it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+import torch
+
+from minidit.checkpoint import write_json
+
+
+def command_line(script: str, argv: list[str] | None = None) -> str:
+    """`python <script> <arguments>`: the arguments given as `argv`, or this process's own when argv is None."""
+    if not isinstance(script, str) or not script:
+        raise ValueError(f"script must be a non-empty path string, got {script!r}")
+    return " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+
+
+def machine(device: torch.device | str | None = None) -> dict:
+    """Platform, CPU, Python and torch versions, intra-op threads, the device (if given) and the load average now."""
+    info = {
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device is not None:
+        info["device"] = str(device)
+    return info
+
+
+def save_result(path: str | os.PathLike | None, result: dict) -> None:
+    """Write `result` as JSON to `path` (atomically, minidit.checkpoint.write_json) and say so; nothing if None."""
+    if path is None:
+        return
+    if not isinstance(result, dict):
+        raise ValueError(f"result must be a dict, got {type(result).__name__}")
+    print(f"wrote {write_json(path, result)}", file=sys.stderr)
