@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import statistics
 import sys
 from collections.abc import Callable
@@ -24,8 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from minidit.attention import attention, merge_heads, runs_unfused, split_heads
-from minidit.checkpoint import write_json
 from minidit.cost import peak_memory_bytes, time_alternating
+from minidit.runinfo import command_line, machine, save_result
 
 HEADS, HEAD_DIM, TOKENS_PER_BATCH = 4, 32, 1024
 
@@ -65,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     lengths = (16, 256) if args.quick else (16, 32, 49, 64, 128, 196, 256, 512, 1024, 2048)
     rounds = 2 if args.quick else 9
-    print(f"threads {args.threads}, load average {os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}, "
-          f"torch {torch.__version__}", flush=True)
+    info = machine()
+    print(f"threads {info['threads']}, load average {info['load_average_1min']}, torch {info['torch']}", flush=True)
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
         bf16 = dtype == torch.bfloat16
@@ -96,10 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in wrong:
         print(f"note: at {r['dtype']} T={r['tokens']} minidit runs {r['minidit_runs']} but the other kernel was "
               f"faster in every round here ({r['sdpa_over_unfused']:.2f}×)")
-    if args.json:
-        write_json(args.json, {"command": "python benchmarks/attention_kernels.py " + " ".join(argv or sys.argv[1:]),
-                               "threads": args.threads, "torch": torch.__version__, "rows": rows,
-                               "rule_disagrees_with_measurement_at": [(r["dtype"], r["tokens"]) for r in wrong]})
+    save_result(args.json, {"command": command_line("benchmarks/attention_kernels.py", argv), "machine": info,
+                            "rows": rows,
+                            "rule_disagrees_with_measurement_at": [(r["dtype"], r["tokens"]) for r in wrong]})
     return 0
 
 

@@ -18,19 +18,17 @@ Variants (DiTConfig.attn): plain multi-head attention with sin-cos positions (Di
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 
 import torch
 
-from minidit.checkpoint import write_json
 from minidit.cost import dit_flops, peak_memory_bytes, time_alternating
 from minidit.data import mnist_tensors
 from minidit.flow import flow_loss, sample
 from minidit.metrics import evaluate
 from minidit.models import DiT, DiTConfig
+from minidit.runinfo import command_line, machine, save_result
 from minidit.train import TrainConfig, Trainer
 
 VARIANTS: dict[str, dict | None] = {
@@ -139,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.n or (50 if args.quick else 300)
     if steps < 2 or n < 10:
         ap.error("--steps must be ≥ 2 and --n ≥ 10")
-    load = os.getloadavg()[0]
+    info = machine()
     speed = speed_rows(rounds=1 if args.quick else 3, quick=args.quick)
     for r in speed:
         print(f"{r['variant']:16s} T={r['tokens']:5d} B={r['batch']:2d}: {r['seconds_per_step']:.3f} s "
@@ -147,14 +145,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['forward_gflops_per_image']:.3f} GFLOPs/img", flush=True)
     print(f"quality: {steps} steps each, N = {n}", flush=True)
     quality = quality_rows(steps, n, args.seed)
-    result = {"command": "python benchmarks/attention_variants.py " + " ".join(argv if argv is not None
-                                                                              else sys.argv[1:]),
-              "threads": args.threads, "load_average_1min_at_start": load, "torch": torch.__version__,
-              "speed_model": SPEED_MODEL, "quality_model": QUALITY_MODEL,
-              "speed": speed, "quality": quality}
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+    save_result(args.json, {"command": command_line("benchmarks/attention_variants.py", argv), "machine": info,
+                            "speed_model": SPEED_MODEL, "quality_model": QUALITY_MODEL,
+                            "speed": speed, "quality": quality})
     return 0
 
 

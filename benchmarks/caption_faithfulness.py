@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,9 @@ from pathlib import Path
 import torch
 
 from minidit.attention_maps import attention_statistics, cfg_attention_check, object_attention_ratio
-from minidit.checkpoint import write_json
 from minidit.faithfulness import evaluation_captions, faithfulness_report
 from minidit.models import load_model
+from minidit.runinfo import command_line, machine, save_result
 from minidit.t2i import get_t2i_config, save_shipped, train
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "minidit" / "weights"
@@ -100,9 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     n_seen, n_held, n_attn, n_stats = (40, 24, 16, 8) if args.quick else (300, 108, 64, 32)
     results: dict = {
-        "command": "python benchmarks/caption_faithfulness.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
-                    "processor": platform.processor() or platform.machine()},
+        "command": command_line("benchmarks/caption_faithfulness.py", argv),
+        "machine": machine(args.device),
         "eval": {"curve_captions": {"seen": 100, "heldout": 54}, "final_captions": {"seen": n_seen, "heldout": n_held},
                  "cfg_scales": [1.0, args.cfg], "sample_steps": args.sample_steps, "sampler": "euler",
                  "attention_images": n_attn, "statistics_captions": n_stats},
@@ -133,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {({k: v for k, v in info.items() if k != 'curves_by_seed'})}", flush=True)
         results["models"][backbone] = {"training": info,
                                        **final_evaluation(model.eval(), args, n_seen, n_held, n_attn, n_stats)}
-    out = write_json(args.json, results)
-    print(f"wrote {out}")
+    save_result(args.json, results)
     return 0
 
 

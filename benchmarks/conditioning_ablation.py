@@ -12,19 +12,18 @@ real-vs-real floor at the same N. FLOPs are forward FLOPs per image (minidit.cos
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-from minidit.checkpoint import write_json
 from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
 from minidit.flow import sample
 from minidit.metrics import evaluate
 from minidit.models import DiT, DiTConfig
+from minidit.runinfo import command_line, machine, save_result
 from minidit.train import TrainConfig, Trainer
 
 VARIANTS = ["in-context", "cross-attention", "adaln", "adaln-zero"]
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 for s in settings["seeds"]}
     out = {
         "benchmark": "conditioning_ablation", "quick": args.quick,
-        "command": "python benchmarks/conditioning_ablation.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks/conditioning_ablation.py", argv),
         "settings": settings, "sampling": SAMPLE,
         "rows": rows, "summary": summary,
         "ranking_by_mean_fid": by_fid, "dit_ranking": dit_order,
@@ -125,11 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         "ranking_holds_for_every_seed": all(v == dit_order for v in per_seed.values()),
         "dit_table4": DIT_TABLE_4,
         "total_seconds": round(time.perf_counter() - t_start, 1),
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine()},
+        "machine": machine(),
     }
-    if args.json:
-        write_json(args.json, out)
+    save_result(args.json, out)
     for s in summary:
         print(f"{s['variant']:15s} params {s['params']:>9,}  MFLOPs {s['flops'] / 1e6:6.1f}  FID {s['fid_mean']:.3f}"
               f" ± {s['fid_std'] or 0:.3f}  acc {s['conditional_accuracy_mean']:.3f}  (DiT: {s['dit_table4_fid']})")

@@ -17,13 +17,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 
 import torch
 
-from minidit.checkpoint import write_json
 from minidit.cost import (
     dit_activation_bytes,
     dit_cost_at,
@@ -34,6 +31,7 @@ from minidit.cost import (
     train_flops_per_image,
 )
 from minidit.models import DiT, DiTConfig, get_config
+from minidit.runinfo import command_line, machine, save_result
 
 RESOLUTIONS = [256, 512, 1024, 2048]
 SPACES = [(1, 2), (1, 4), (1, 8), (1, 16), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2)]  # (latent factor, patch)
@@ -142,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    load = os.getloadavg()[0]
+    info = machine()
     table = model_table()
     for r in table:
         if r["image_size"] in (256, 1024):
@@ -157,15 +155,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['achieved_gflops_per_s']:.0f} GFLOP/s; peak {r['peak_mb']:.1f} MB "
               f"(model {r['predicted_peak_mb']:.1f}, ×{r['peak_ratio']:.2f}); saved activations "
               f"×{r['activation_ratio']:.2f}")
-    result = {"command": "python benchmarks/cost_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "threads": args.threads, "load_average_1min_at_start": load, "torch": torch.__version__,
+    result = {"command": command_line("benchmarks/cost_model.py", argv), "machine": info,
               "memory_method": "torch.profiler profile_memory=True: running sum of allocation events, max",
               "model_table": table, "measured": rows}
     if args.plot:
         plot(table, rows, args.plot)
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+    save_result(args.json, result)
     return 0
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import subprocess
 import sys
 import time
@@ -35,10 +34,10 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from minidit.checkpoint import write_json
 from minidit.cost import matmul_peak, mfu, train_flops_per_image
 from minidit.flow import flow_loss, sample_t
 from minidit.models import DiT, DiTConfig, get_config
+from minidit.runinfo import command_line, machine, save_result
 from minidit.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,12 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print(NO_CUDA, flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"skipped": True, "reason": NO_CUDA}, indent=1))
+        save_result(args.json, {"skipped": True, "reason": NO_CUDA})
         return 0
     t_start = time.perf_counter()
-    result: dict = {"command": "python benchmarks/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "torch": torch.__version__}
+    result: dict = {"command": command_line("benchmarks/gpu_check.py", argv), "machine": machine(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         result["device"] = {"name": props.name, "count": torch.cuda.device_count(),
@@ -203,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     tests_ok = args.skip_tests or result["device_tests"]["returncode"] == 0
     verdict = "skipped" if args.skip_tests else "passed" if tests_ok else "FAILED"
     print(f"device tests: {verdict}; total {result['seconds']:.0f} s", flush=True)
-    if args.json:
-        write_json(args.json, result)
+    save_result(args.json, result)
     return 0 if tests_ok else 1
 
 

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-from minidit.checkpoint import write_json
 from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
 from minidit.flow import sample
 from minidit.metrics import evaluate, stratified_real
 from minidit.models import DiT, DiTConfig
+from minidit.runinfo import command_line, machine, save_result
 from minidit.train import TrainConfig, Trainer
 from minidit.vae import load_vae, reconstruct
 
@@ -106,17 +105,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['decode_seconds']:.2f} s; acc {r['conditional_accuracy']:.3f}, FID {r['fid']:.3f} "
               f"(floor {r['fid_floor']:.3f})", file=sys.stderr)
     out = {"benchmark": "latent_vs_pixel", "quick": args.quick,
-           "command": "python benchmarks/latent_vs_pixel.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command_line("benchmarks/latent_vs_pixel.py", argv),
            "settings": settings, "sampling": SAMPLE, "vae": args.vae, "vae_config": vae.config.to_dict(),
            "vae_scale": float(vae.scale), "vae_encode_seconds_train_set": round(encode_s, 2),
            "vae_ceiling": {"n": ceiling["n"], "conditional_accuracy": round(ceiling["conditional_accuracy"], 4),
                            "fid": round(ceiling["fid"], 4), "fid_floor": round(ceiling["fid_floor"], 4)},
            "rows": rows, "total_seconds": round(time.perf_counter() - t_start, 1),
-           "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "cpu": platform.processor() or platform.machine()}}
-    if args.json:
-        write_json(args.json, out)
-    print(json.dumps(rows, indent=1) if not args.json else f"wrote {len(rows)} rows → {args.json}")
+           "machine": machine()}
+    save_result(args.json, out)
+    if not args.json:
+        print(json.dumps(rows, indent=1))
     return 0
 
 

@@ -15,18 +15,16 @@ and the steady state against eager, alternating.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from dataclasses import replace
 
 import torch
 
-from minidit.checkpoint import write_json
 from minidit.cost import dit_training_peak_bytes, peak_memory_bytes, time_alternating, train_flops_per_image
 from minidit.models import DiT, DiTConfig, get_config
 from minidit.recipes import RECIPES
+from minidit.runinfo import command_line, machine, save_result
 from minidit.train import Trainer
 
 SETTINGS = {
@@ -101,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile measurement")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
+    info = machine()
     rounds = 1 if args.quick else 4
     flagship = RECIPES["flagship"].model
     configs = bench_configs(args.quick)
@@ -119,15 +117,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torch.compile flagship {r['dtype']}: first step {r['first_step_seconds']} s, steady "
                   f"{r['compiled_seconds_per_step']:.3f} s vs eager {r['eager_seconds_per_step']:.3f} s "
                   f"(×{r['speedup']:.2f}, break-even after {r['break_even_steps']} steps)", flush=True)
-    result = {"command": "python benchmarks/memory_time.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "threads": args.threads, "load_average_1min_at_start": load, "torch": torch.__version__,
+    result = {"command": command_line("benchmarks/memory_time.py", argv), "machine": info,
               "train_gflops_per_image": {n: train_flops_per_image(c) / 1e9 for n, c, _ in configs},
               "memory_method": "torch.profiler profile_memory=True: running sum of allocation events, max over one "
                                "train_step after a warm-up step (AdamW state already allocated)",
               "settings": rows, "compile": comp}
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+    save_result(args.json, result)
     return 0
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -27,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from minidit.checkpoint import write_json
 from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
 from minidit.ddpm import DDPMSchedule, ddpm_sample
 from minidit.flow import sample
 from minidit.metrics import evaluate
 from minidit.models import DiT, DiTConfig
+from minidit.runinfo import command_line, machine, save_result
 from minidit.train import TrainConfig, Trainer
 
 NFES = [1, 2, 5, 10, 25, 50, 250]
@@ -135,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                             {k: v.half() for k, v in m.state_dict().items()},
                             {"kind": "model", "model": "DiT", "config": m.config.to_dict(),
                              "train": next(r["train_config"] for r in train_rows if r["objective"] == name),
-                             "command": "python benchmarks/nfe_sweep.py " + " ".join(sys.argv[1:])})
+                             "command": command_line("benchmarks/nfe_sweep.py", argv)})
     n = settings["n"]
     labels = torch.arange(10).repeat_interleave(n // 10 + 1)[:n]
     noise = torch.randn((n, 1, 28, 28), generator=torch.Generator().manual_seed(args.seed + 1))
@@ -155,20 +154,19 @@ def main(argv: list[str] | None = None) -> int:
               f"(floor {r['fid_floor']:.3f})  {secs:.1f} s", file=sys.stderr)
     out = {
         "benchmark": "nfe_sweep", "quick": args.quick,
-        "command": "python benchmarks/nfe_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("benchmarks/nfe_sweep.py", argv),
         "model_config": DiTConfig(**settings["model"]).to_dict(), "settings": settings, "n": n,
         "note": "same DiT, same steps × batch for every objective; samples without guidance (cfg 1) from the same "
                 "noise; feature-FID vs the 1,000 held-out digits, floor = real training digits at the same N",
         "training": train_rows, "rows": rows,
         "total_seconds": round(time.perf_counter() - t_start, 1),
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu": platform.processor() or platform.machine()},
+        "machine": machine(),
     }
-    if args.json:
-        write_json(args.json, out)
+    save_result(args.json, out)
     if args.plot:
         plot(rows, args.plot, f"DDPM vs rectified flow, same DiT and training compute (N = {n}, no CFG)")
-    print(json.dumps(rows) if not args.json else f"wrote {len(rows)} rows → {args.json}")
+    if not args.json:
+        print(json.dumps(rows))
     return 0
 
 

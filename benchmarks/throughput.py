@@ -24,20 +24,17 @@ median and range of the per-round ratios beside it (their spread is this machine
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
 from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 
-from minidit.checkpoint import write_json
 from minidit.cost import matmul_peak, mfu, time_alternating, train_flops_per_image
 from minidit.mmdit import MMDiT, MMDiTConfig
 from minidit.models import DiT, DiTConfig, get_config
 from minidit.recipes import RECIPES
+from minidit.runinfo import command_line, machine, save_result
 from minidit.train import Trainer
 
 TEXT_LEN = 16  # text tokens for the MMDiT / SD3 comparison
@@ -197,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     rounds = args.rounds or (2 if args.quick else 6)
     peak_s = 0.3 if args.quick else 1.0
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    print(f"threads {args.threads}, load average {load}, torch {torch.__version__}", flush=True)
+    info = machine()
+    print(f"threads {info['threads']}, load average {info['load_average_1min']}, torch {info['torch']}", flush=True)
 
     peaks_before = measure_peaks(peak_s)
     rows, ratios = [], []
@@ -273,18 +270,14 @@ def main(argv: list[str] | None = None) -> int:
         print("minidit ÷ diffusers speed: " + ", ".join(
             f"{r['model']} {r['config']} {r['dtype']} {r['speedup_vs_diffusers']:.2f}×" for r in ratios))
     result = {
-        "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": args.threads,
-                    "load_average_1min_at_start": load, "torch": torch.__version__},
+        "command": command_line("benchmarks/throughput.py", argv), "machine": info,
         "peak_gflops": {"before": {k: v / 1e9 for k, v in peaks_before.items()},
                         "after": {k: v / 1e9 for k, v in peaks_after.items()}},
         "rows": rows, "ratios_vs_diffusers": ratios,
         "flagship_best": best,
         "flagship_fp32_thread_scaling": scaling,
     }
-    if args.json:
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
+    save_result(args.json, result)
     return 0
 
 

@@ -19,18 +19,17 @@ import argparse
 import copy
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, replace
 
 import torch
 
-from minidit.checkpoint import write_json
 from minidit.data import mnist_tensors
 from minidit.metrics import evaluate
 from minidit.models import DiT
 from minidit.recipes import generate, get_recipe, recipe_vae, training_data
+from minidit.runinfo import command_line, machine, save_result
 from minidit.train import Trainer
 
 
@@ -114,14 +113,12 @@ def main(argv: list[str] | None = None) -> int:
         "model_config": recipe.model.to_dict(), "train_config": asdict(cfg), "bf16_autocast": trainer.bf16,
         "sampling": recipe.sample,
         "guide_at": recipe.guide_at,
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
+        "command": command_line("benchmarks/time_to_quality.py", argv), "machine": machine(),
         "rows": rows,
         "final_without_autoguidance": ablation,
     }
     print(f"goal (acc ≥ 0.95, fid ≤ 2×floor) first met at: {summary['first_goal_met_seconds']} s", file=sys.stderr)
-    if args.json:
-        write_json(args.json, summary)
+    save_result(args.json, summary)
     return 0
 
 

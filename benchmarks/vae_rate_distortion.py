@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from minidit.checkpoint import read_meta, write_json
+from minidit.checkpoint import read_meta
 from minidit.data import mnist_tensors
 from minidit.metrics import evaluate, stratified_real
+from minidit.runinfo import command_line, machine, save_result
 from minidit.vae import VAEConfig, evaluate_vae, load_vae, reconstruct, save_vae, train_vae
 
 FULL = dict(configs=[(2, 1), (2, 4), (4, 2), (4, 4), (8, 4), (8, 16)], steps=2000, batch_size=64, lr=2e-3)
@@ -128,16 +128,15 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['classifier_accuracy_original']:.3f}), recon-FID {r['recon_fid']:.3f} (floor {r['fid_floor']:.3f})"
               f", {r['train_seconds']:.0f} s", file=sys.stderr)
     out = {"benchmark": "vae_rate_distortion", "quick": args.quick,
-           "command": "python benchmarks/vae_rate_distortion.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "command": command_line("benchmarks/vae_rate_distortion.py", argv),
            "settings": {**settings, "kl_weight": VAEConfig().kl_weight, "held_out_n": 1000}, "rows": rows,
            "total_seconds": round(time.perf_counter() - t0, 1),
-           "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "cpu": platform.processor() or platform.machine()}}
-    if args.json:
-        write_json(args.json, out)
+           "machine": machine()}
+    save_result(args.json, out)
     if args.plot:
         plot(rows, args.plot)
-    print(json.dumps(rows, indent=1) if not args.json else f"wrote {len(rows)} rows → {args.json}")
+    if not args.json:
+        print(json.dumps(rows, indent=1))
     return 0
 
 
