@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 
-from minidit.checkpoint import load_checkpoint, write_json
+from minidit.checkpoint import load_checkpoint
 from minidit.data import mnist_tensors
-from minidit.ddpm import DDPMSchedule, q_sample
+from minidit.ddpm import DDPMSchedule, predict_x0, q_sample
 from minidit.flow import interpolate, sample_t
 from minidit.metrics import accuracy, load_classifier
 from minidit.models import load_model
+from minidit.runinfo import command_line, machine, save_result
 
 SQRT_SNR = [2.0, 1.0, 0.6, 0.4, 0.25]  # √SNR: 2 = mostly signal … 0.25 = mostly noise
 
@@ -53,7 +53,7 @@ def x0_estimate(model, train: dict, x0: torch.Tensor, noise: torch.Tensor, y: to
     kk = torch.full((n,), k)
     x_k = q_sample(sched, x0, kk, noise)
     eps = model(x_k, sched.model_time(kk), y)[:, : x0.shape[1]]
-    return (x_k - math.sqrt(1 - abar) * eps) / math.sqrt(abar), abar / (1 - abar)
+    return predict_x0(x_k, eps, abar), abar / (1 - abar)
 
 
 @torch.no_grad()
@@ -128,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     out = {"benchmark": "denoise_probe", "models": str(args.models), "n": args.n, "rows": rows,
            "high_noise_shares": shares,
-           "command": "python benchmarks/denoise_probe.py " + " ".join(sys.argv[1:] if argv is None else argv)}
-    if args.json:
-        write_json(args.json, out)
-    print(json.dumps(rows) if not args.json else f"wrote {len(rows)} rows → {args.json}")
+           "command": command_line("benchmarks/denoise_probe.py", argv), "machine": machine()}
+    save_result(args.json, out)
+    if not args.json:
+        print(json.dumps(rows))
     return 0
 
 

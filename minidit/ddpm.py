@@ -54,6 +54,13 @@ def q_sample(schedule: DDPMSchedule, x0: torch.Tensor, k: torch.Tensor, noise: t
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def predict_x0(x_k: torch.Tensor, eps: torch.Tensor, abar: float) -> torch.Tensor:
+    """The clean image the predicted noise implies: x̂0 = (x_k − √(1 − ᾱ_k)·ε̂) / √ᾱ_k (q_sample solved for x0)."""
+    if not 0 < abar <= 1:
+        raise ValueError(f"abar (ᾱ_k) must be in (0, 1], got {abar}")
+    return (x_k - math.sqrt(1 - abar) * eps) / math.sqrt(abar)
+
+
 def ddpm_loss(
     model: torch.nn.Module,
     schedule: DDPMSchedule,
@@ -121,7 +128,7 @@ def ddpm_sample(
                 a_prev = abar[ks[j + 1]].item() if j + 1 < len(ks) else 1.0
                 kk = torch.full((x.shape[0],), k, device=device)
                 eps = eps_fn(x, schedule.model_time(kk))
-                x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+                x0 = predict_x0(x, eps, a_t)
                 if clip_x0:
                     x0 = x0.clamp(-1, 1)
                     eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)  # keep ε consistent with the clipped x0

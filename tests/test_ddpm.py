@@ -29,6 +29,17 @@ def test_q_sample_moments():
         ddpm.q_sample(s, x0[:2], torch.tensor([0, 1000]), x0[:2])
 
 
+def test_predict_x0_inverts_q_sample():
+    s = ddpm.DDPMSchedule("cosine")
+    x0, noise = torch.rand(3, 1, 4, 4) * 2 - 1, torch.randn(3, 1, 4, 4)
+    for k in (0, 400, 900):
+        x_k = ddpm.q_sample(s, x0, torch.full((3,), k), noise)
+        a = s.alphas_cumprod[k].item()
+        torch.testing.assert_close(ddpm.predict_x0(x_k, noise, a), x0, atol=1e-3 * (1 / a) ** 0.5, rtol=0)
+    with pytest.raises(ValueError, match="abar"):
+        ddpm.predict_x0(x0, noise, 0.0)
+
+
 class OracleEps(torch.nn.Module):
     """Data = one point x0: the true ε given x_k is (x_k − √ᾱ x0)/√(1−ᾱ)."""
 
