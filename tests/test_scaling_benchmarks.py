@@ -5,7 +5,6 @@ benchmarks/results/)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,16 +17,9 @@ from minidit.models import get_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 # ---- gpu_check ------------------------------------------------------------------------------------------------
-def test_gpu_check_without_cuda_says_so_and_does_nothing(tmp_path, monkeypatch, capsys):
-    gc = load("gpu_check")
+def test_gpu_check_without_cuda_says_so_and_does_nothing(tmp_path, monkeypatch, capsys, load_benchmark):
+    gc = load_benchmark("gpu_check")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     called = []
     monkeypatch.setattr(gc, "run_device_tests", lambda *a, **k: called.append(a))
@@ -37,8 +29,8 @@ def test_gpu_check_without_cuda_says_so_and_does_nothing(tmp_path, monkeypatch, 
     assert json.loads(out.read_text())["skipped"] is True and not called
 
 
-def test_gpu_check_arguments():
-    gc = load("gpu_check")
+def test_gpu_check_arguments(load_benchmark):
+    gc = load_benchmark("gpu_check")
     a = gc.parse_args([])
     assert (a.config, a.batch, a.steps, a.warmup, a.no_compile) == ("DiT-S/2", 256, 50, 5, False)
     q = gc.parse_args(["--quick"])
@@ -48,8 +40,8 @@ def test_gpu_check_arguments():
             gc.parse_args(bad)
 
 
-def test_gpu_check_mfu_arithmetic():
-    gc = load("gpu_check")
+def test_gpu_check_mfu_arithmetic(load_benchmark):
+    gc = load_benchmark("gpu_check")
     flops = train_flops_per_image(get_config("DiT-S/2"))
     assert flops == pytest.approx(3 * 12.111e9, rel=1e-3)
     s = gc.throughput_summary(batch=256, steps=10, seconds=0.5, flops_per_image=flops, peak_flops=800e12)
@@ -60,9 +52,9 @@ def test_gpu_check_mfu_arithmetic():
         gc.throughput_summary(1, 1, 0.0, flops, 1e12)
 
 
-def test_gpu_check_timing_code_runs_on_cpu(tmp_path):
+def test_gpu_check_timing_code_runs_on_cpu(tmp_path, load_benchmark):
     """The throughput part (package Trainer step and bare step) on the CPU with a tiny model, no compile."""
-    gc = load("gpu_check")
+    gc = load_benchmark("gpu_check")
     out = tmp_path / "g.json"
     code = gc.main(["--device", "cpu", "--skip-tests", "--config", "mnist-tiny", "--batch", "8", "--steps", "2",
                     "--warmup", "1", "--no-compile", "--quick", "--sdpa", "math", "--json", str(out)])
@@ -77,8 +69,8 @@ def test_gpu_check_timing_code_runs_on_cpu(tmp_path):
 
 
 # ---- smoke runs (tiny configs patched in) -------------------------------------------------------------------------
-def test_throughput_smoke_writes_ratios_and_mfu(tmp_path, monkeypatch):
-    tp = load("throughput")
+def test_throughput_smoke_writes_ratios_and_mfu(tmp_path, monkeypatch, load_benchmark):
+    tp = load_benchmark("throughput")
     monkeypatch.setattr(tp, "course_configs", lambda quick: [("flagship", get_config("mnist-tiny"), 4)])
     monkeypatch.setattr(tp, "measure_peaks", lambda seconds: {"float32": 1e11, "bfloat16": 2e11})
     out = tmp_path / "t.json"
@@ -99,8 +91,8 @@ def test_throughput_smoke_writes_ratios_and_mfu(tmp_path, monkeypatch):
     assert res["flagship_best"]["impl"] in ("minidit", "Trainer.train_step")
 
 
-def test_throughput_thread_scaling_measures_each_thread_count_against_its_own_peak(monkeypatch):
-    tp = load("throughput")
+def test_throughput_thread_scaling_measures_each_thread_count_against_its_own_peak(monkeypatch, load_benchmark):
+    tp = load_benchmark("throughput")
     monkeypatch.setattr(tp, "matmul_peak", lambda dtype, seconds: 1e10 * torch.get_num_threads())
     before = torch.get_num_threads()
     c = get_config("mnist-tiny")
@@ -117,8 +109,8 @@ def test_throughput_thread_scaling_measures_each_thread_count_against_its_own_pe
             4 / r["seconds_per_step"] * train_flops_per_image(c) / peak, rel=1e-2)
 
 
-def test_cost_model_smoke(tmp_path, monkeypatch):
-    cm = load("cost_model")
+def test_cost_model_smoke(tmp_path, monkeypatch, load_benchmark):
+    cm = load_benchmark("cost_model")
     tiny = [("T=16", get_config("mnist-tiny", input_size=16), 4), ("T=64", get_config("mnist-tiny", input_size=32), 2)]
     monkeypatch.setattr(cm, "check_configs", lambda quick: tiny)
     out = tmp_path / "c.json"
@@ -130,8 +122,8 @@ def test_cost_model_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "c.png").stat().st_size > 0
 
 
-def test_memory_time_smoke(tmp_path, monkeypatch):
-    mt = load("memory_time")
+def test_memory_time_smoke(tmp_path, monkeypatch, load_benchmark):
+    mt = load_benchmark("memory_time")
     monkeypatch.setattr(mt, "bench_configs", lambda quick: [("tiny", get_config("mnist-tiny"), 8)])
     out = tmp_path / "m.json"
     assert mt.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
@@ -142,8 +134,8 @@ def test_memory_time_smoke(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_attention_variants_smoke(tmp_path, monkeypatch):
-    av = load("attention_variants")
+def test_attention_variants_smoke(tmp_path, monkeypatch, load_benchmark):
+    av = load_benchmark("attention_variants")
     monkeypatch.setattr(av, "SPEED_MODEL", dict(patch_size=2, dim=32, depth=1, num_heads=4))
     monkeypatch.setattr(av, "QUALITY_MODEL", dict(patch_size=2, dim=32, depth=1, num_heads=4))
     out = tmp_path / "a.json"
@@ -154,8 +146,8 @@ def test_attention_variants_smoke(tmp_path, monkeypatch):
     assert flops["window7"] < flops["mha"] and flops["gqa-1kv"] < flops["mha"] == flops["rope-2d"]
 
 
-def test_attention_kernels_smoke(tmp_path):
-    ak = load("attention_kernels")
+def test_attention_kernels_smoke(tmp_path, load_benchmark):
+    ak = load_benchmark("attention_kernels")
     out = tmp_path / "k.json"
     assert ak.main(["--quick", "--threads", "1", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -166,12 +158,12 @@ def test_attention_kernels_smoke(tmp_path):
 
 
 # ---- time_to_quality ------------------------------------------------------------------------------------------
-def test_time_to_quality_rows_count_the_vae_encoding(tmp_path, monkeypatch):
+def test_time_to_quality_rows_count_the_vae_encoding(tmp_path, monkeypatch, load_benchmark):
     from dataclasses import replace
 
     import minidit.recipes as recipes
 
-    ttq = load("time_to_quality")
+    ttq = load_benchmark("time_to_quality")
     lat = recipes.RECIPES["latent"]  # the demo's recipe, shrunk to a 2-second run
     small = replace(lat, model=replace(lat.model, dim=32, depth=1, num_heads=2), sample=dict(lat.sample, steps=2))
     monkeypatch.setitem(recipes.RECIPES, "latent", small)

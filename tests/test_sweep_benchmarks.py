@@ -4,7 +4,6 @@ Each runs its --quick mode further shrunk (a few steps, N = 20) and checks the J
 rows and fields; the figures themselves come from the full runs committed under benchmarks/results/.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,17 +12,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
-def test_nfe_sweep_writes_every_method_and_nfe(tmp_path):
+def test_nfe_sweep_writes_every_method_and_nfe(tmp_path, load_benchmark):
     out = tmp_path / "nfe.json"
-    load("nfe_sweep").main(["--quick", "--steps", "3", "--n", "20", "--nfe", "1,2,5", "--threads", "1",
+    load_benchmark("nfe_sweep").main(["--quick", "--steps", "3", "--n", "20", "--nfe", "1,2,5", "--threads", "1",
                             "--json", str(out), "--plot", str(tmp_path / "nfe.png")])
     res = json.loads(out.read_text())
     got = {(r["method"], r["nfe"]) for r in res["rows"]}
@@ -41,9 +33,10 @@ def test_nfe_sweep_writes_every_method_and_nfe(tmp_path):
 
 
 @pytest.mark.slow
-def test_conditioning_ablation_rows(tmp_path):
+def test_conditioning_ablation_rows(tmp_path, load_benchmark):
     out = tmp_path / "abl.json"
-    load("conditioning_ablation").main(["--quick", "--steps", "3", "--n", "20", "--threads", "1", "--json", str(out)])
+    load_benchmark("conditioning_ablation").main(["--quick", "--steps", "3", "--n", "20", "--threads", "1",
+                                                  "--json", str(out)])
     res = json.loads(out.read_text())
     assert len(res["rows"]) == 8  # 4 variants × 2 seeds
     for r in res["rows"]:
@@ -54,9 +47,9 @@ def test_conditioning_ablation_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_vae_rate_distortion_rows(tmp_path):
+def test_vae_rate_distortion_rows(tmp_path, load_benchmark):
     out = tmp_path / "rd.json"
-    load("vae_rate_distortion").main(["--quick", "--configs", "8x4", "--steps", "2", "--threads", "1",
+    load_benchmark("vae_rate_distortion").main(["--quick", "--configs", "8x4", "--steps", "2", "--threads", "1",
                                       "--json", str(out)])
     (r,) = json.loads(out.read_text())["rows"]
     assert (r["factor"], r["latent_channels"], r["values_kept"]) == (8, 4, 64)
@@ -64,9 +57,10 @@ def test_vae_rate_distortion_rows(tmp_path):
 
 
 @pytest.mark.slow
-def test_latent_vs_pixel_rows(tmp_path):
+def test_latent_vs_pixel_rows(tmp_path, load_benchmark):
     out = tmp_path / "lp.json"
-    load("latent_vs_pixel").main(["--quick", "--budget", "0.5", "--n", "20", "--threads", "1", "--json", str(out)])
+    load_benchmark("latent_vs_pixel").main(["--quick", "--budget", "0.5", "--n", "20", "--threads", "1",
+                                            "--json", str(out)])
     res = json.loads(out.read_text())
     tokens = {r["name"]: r["tokens"] for r in res["rows"]}
     assert tokens == {"pixel-64": 64, "latent-64": 64, "pixel-16": 16, "latent-16": 16}
@@ -74,11 +68,11 @@ def test_latent_vs_pixel_rows(tmp_path):
         assert {"conditional_accuracy", "fid", "fid_floor", "sample_seconds", "seconds_per_step"} <= set(r)
 
 
-def test_denoise_probe_inverts_each_objective_exactly():
+def test_denoise_probe_inverts_each_objective_exactly(load_benchmark):
     """With a model that returns the true target (ε for DDPM, ε − x0 for RF), the one-step x̂0 is the clean image."""
     import torch
 
-    probe = load("denoise_probe")
+    probe = load_benchmark("denoise_probe")
     x0 = torch.rand(4, 1, 28, 28) * 2 - 1
     noise = torch.randn_like(x0)
     y = torch.arange(4)
@@ -90,12 +84,12 @@ def test_denoise_probe_inverts_each_objective_exactly():
         assert torch.allclose(est, x0, atol=1e-5) and w == pytest.approx((1 + s) ** 2)  # v-loss weight = 1/t²
 
 
-def test_denoise_probe_high_noise_shares():
+def test_denoise_probe_high_noise_shares(load_benchmark):
     """A model that predicts ε = 0 has the same ε-loss on every draw, so its loss share equals its draw share;
     DDPM's uniform k puts about three quarters of the linear schedule's steps at √SNR < 1."""
     import torch
 
-    probe = load("denoise_probe")
+    probe = load_benchmark("denoise_probe")
     x0 = torch.rand(50, 1, 28, 28) * 2 - 1
     y = torch.arange(50) % 10
     draws, loss = probe.high_noise_shares(lambda x, t, y: torch.zeros_like(x),
@@ -104,9 +98,9 @@ def test_denoise_probe_high_noise_shares():
 
 
 @pytest.mark.slow
-def test_denoise_probe_rows(tmp_path):
+def test_denoise_probe_rows(tmp_path, load_benchmark):
     out = tmp_path / "probe.json"
-    load("denoise_probe").main(["--models", str(ROOT / "benchmarks" / "results" / "nfe_quick_models"),
+    load_benchmark("denoise_probe").main(["--models", str(ROOT / "benchmarks" / "results" / "nfe_quick_models"),
                                 "--n", "20", "--threads", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert {r["model"] for r in rows} == {"ddpm", "rf-lognorm"} and len(rows) == 10
