@@ -32,6 +32,7 @@ from minidit.cost import (
 )
 from minidit.models import DiT, DiTConfig, get_config
 from minidit.runinfo import command_line, machine, save_result
+from minidit.viz import save_figure
 
 RESOLUTIONS = [256, 512, 1024, 2048]
 SPACES = [(1, 2), (1, 4), (1, 8), (1, 16), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2)]  # (latent factor, patch)
@@ -128,7 +129,7 @@ def plot(table: list[dict], rows: list[dict], path: str) -> None:
     ax[2].set(xlabel="predicted", ylabel="measured", title="model vs this CPU")
     ax[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,7 @@ from minidit.metrics import evaluate
 from minidit.models import DiT, DiTConfig
 from minidit.runinfo import command_line, machine, save_result
 from minidit.train import TrainConfig, Trainer
+from minidit.viz import save_figure
 
 NFES = [1, 2, 5, 10, 25, 50, 250]
 FULL = dict(model=dict(patch_size=4, dim=128, depth=4, num_heads=4), steps=2000, batch_size=64, lr=2e-3,
@@ -102,9 +103,7 @@ def plot(rows: list[dict], path: str | Path, title: str) -> None:
     axes[1].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from minidit.data import mnist_tensors
 from minidit.metrics import evaluate, stratified_real
 from minidit.runinfo import command_line, machine, save_result
 from minidit.vae import VAEConfig, evaluate_vae, load_vae, reconstruct, save_vae, train_vae
+from minidit.viz import save_figure
 
 FULL = dict(configs=[(2, 1), (2, 4), (4, 2), (4, 4), (8, 4), (8, 16)], steps=2000, batch_size=64, lr=2e-3)
 QUICK = dict(configs=[(4, 4), (8, 4)], steps=60, batch_size=64, lr=2e-3)
@@ -95,9 +96,7 @@ def plot(rows: list[dict], path: str | Path) -> None:
     axes[0].set_ylabel("held-out PSNR (dB)")
     axes[1].set_ylabel("classifier accuracy on reconstructions")
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

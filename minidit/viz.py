@@ -47,6 +47,17 @@ def show_grid(images: torch.Tensor, nrow: int = 10, title: str | None = None, ax
     return ax
 
 
+def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
+    """Write a matplotlib figure to `path` (folders created) and close it, freeing its memory."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_loss(history: list[dict], path: str | Path | None = None, title: str = "training loss", smooth: int = 10):
     """Loss curve (raw and moving average) against step; saved to `path` if given. Returns the figure."""
     import matplotlib
@@ -70,9 +81,7 @@ def plot_loss(history: list[dict], path: str | Path | None = None, title: str = 
     ax.legend()
     fig.tight_layout()
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
     return fig
 
 
