@@ -240,6 +240,7 @@ class Trainer:
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
+        self.opt.zero_grad(set_to_none=True)  # free the gradients now, or they stay alive through the next forward
         self.update_ema()
         if self._pool is not None:  # draw the next batch on the host while the GPU works through this step
             self._next = (self.step + 1, self._pool.submit(self.host_batch, self.step + 1))
