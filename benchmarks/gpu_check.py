@@ -15,7 +15,9 @@
    images/s and MFU = images/s × training FLOPs per image (DiT's accounting, `minidit.cost`) ÷ the measured peak;
    on an H100 SXM / H200 also ÷ the datasheet's dense bf16 peak (989 TFLOP/s), which a sustained 8192³ product
    does not reach, so that figure is the lower, stricter one.
-   `--sdpa flash|efficient|cudnn|math` pins PyTorch's attention kernel for both runs (default: PyTorch's choice).
+   `--sdpa flash|efficient|cudnn|math` pins PyTorch's attention kernel for both runs (default: PyTorch's choice);
+   `--compile-mode reduce-overhead` replays each step as CUDA graphs, `max-autotune` also tunes the kernels
+   (a longer compilation: give it its own call).
 
 On a machine without CUDA it prints why and exits 0, touching nothing. Needs torch, safetensors, tqdm, pytest
 (not mlxtend or diffusers): the device tests use synthetic data.
@@ -38,7 +40,7 @@ from minidit.cost import matmul_peak, mfu, train_flops_per_image
 from minidit.flow import flow_loss, sample_t
 from minidit.models import DiT, DiTConfig, get_config
 from minidit.runinfo import command_line, machine, save_result
-from minidit.train import TrainConfig, Trainer
+from minidit.train import COMPILE_MODES, TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -57,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 50, quick 20)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (compilation; default 5, quick 3)")
     ap.add_argument("--no-compile", action="store_true", help="time eager mode instead of torch.compile")
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                    help="torch.compile's mode (reduce-overhead: CUDA graphs; max-autotune: also kernel tuning)")
     ap.add_argument("--skip-tests", action="store_true", help="only the throughput part")
     ap.add_argument("--sdpa", choices=sorted(SDPA), help="pin the attention kernel (default: PyTorch's choice)")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # tests run the timing code on the CPU
@@ -104,22 +108,23 @@ def random_latents(config: DiTConfig, n: int, device: torch.device) -> tuple[tor
 
 
 def package_step_seconds(config: DiTConfig, batch: int, steps: int, warmup: int, device: torch.device,
-                         compile: bool) -> float:
+                         compile: bool, compile_mode: str = "default") -> float:
     """Seconds for `steps` calls of the package's Trainer.train_step (bf16 autocast, optionally compiled)."""
     x, y = random_latents(config, 4 * batch, device)
-    cfg = TrainConfig(steps=10**9, batch_size=batch, lr=1e-4, ema_decay=0.9999, bf16=True, compile=compile)
+    cfg = TrainConfig(steps=10**9, batch_size=batch, lr=1e-4, ema_decay=0.9999, bf16=True, compile=compile,
+                      compile_mode=compile_mode)
     torch.manual_seed(0)
     trainer = Trainer(DiT(config), x, y, cfg, device=device)
     return _timed(trainer.train_step, steps, warmup, device)
 
 
 def bare_step_seconds(config: DiTConfig, batch: int, steps: int, warmup: int, device: torch.device,
-                      compile: bool) -> float:
+                      compile: bool, compile_mode: str = "default") -> float:
     """The same model, loss and optimizer with everything on the device and no per-step host synchronisation."""
     torch.manual_seed(0)
     model = DiT(config).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model, mode=compile_mode) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
     x, y = random_latents(config, batch, device)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -183,17 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     runs = {}
     for name, fn in (("package", package_step_seconds), ("bare", bare_step_seconds)):
         with sdpa_kernel(SDPA[args.sdpa]) if args.sdpa else nullcontext():
-            seconds = fn(config, args.batch, args.steps, args.warmup, device, compile)
+            seconds = fn(config, args.batch, args.steps, args.warmup, device, compile, args.compile_mode)
         runs[name] = throughput_summary(args.batch, args.steps, seconds, flops, peak)
         vs_sheet = ""
         if datasheet:
             runs[name]["mfu_vs_datasheet"] = round(mfu(runs[name]["images_per_s"], flops, datasheet * 1e12), 4)
             vs_sheet = f" ({100 * runs[name]['mfu_vs_datasheet']:.1f}% of the datasheet's {datasheet:.0f})"
-        print(f"{args.config} {name:7s} bf16{' + compile' if compile else ''}, batch {args.batch}: "
+        mode = f" ({args.compile_mode})" if args.compile_mode != "default" else ""
+        print(f"{args.config} {name:7s} bf16{' + compile' + mode if compile else ''}, batch {args.batch}: "
               f"{runs[name]['images_per_s']:.0f} img/s, {runs[name]['model_tflops_per_s']:.0f} TFLOP/s, "
               f"MFU {100 * runs[name]['mfu']:.1f}% of the measured peak{vs_sheet}", flush=True)
     result["throughput"] = {"config": args.config, "tokens": config.num_tokens, "batch": args.batch,
-                            "train_gflops_per_image": flops / 1e9, "compile": compile, "bf16": True,
+                            "train_gflops_per_image": flops / 1e9, "compile": compile,
+                            "compile_mode": args.compile_mode if compile else None, "bf16": True,
                             "sdpa": args.sdpa or "default", "datasheet_bf16_tflops": datasheet,
                             "steps": args.steps, "warmup": args.warmup, **runs}
     result["seconds"] = round(time.perf_counter() - t_start, 1)

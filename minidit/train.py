@@ -26,6 +26,8 @@ from minidit.checkpoint import CheckpointError, config_from_dict, load_checkpoin
 from minidit.ddpm import DDPMSchedule, ddpm_loss
 from minidit.flow import flow_loss, sample_t
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 @dataclass
 class TrainConfig:
@@ -50,6 +52,9 @@ class TrainConfig:
     bf16: bool | str = False  # autocast matmuls to bfloat16; "auto": where the device has bf16 matmul units
     grad_checkpointing: bool = False
     compile: bool = False
+    # torch.compile's mode: "reduce-overhead" replays the step's kernels as CUDA graphs, "max-autotune" also
+    # benchmarks kernel choices while compiling (minutes), "max-autotune-no-cudagraphs" only that
+    compile_mode: str = "default"
     seed: int = 0
     log_every: int = 10
     extra: dict = field(default_factory=dict)  # free-form notes stored with checkpoints
@@ -71,6 +76,7 @@ class TrainConfig:
             "t_shift": self.t_shift > 0,
             "ddpm_schedule": self.ddpm_schedule in ("linear", "cosine"),
             "bf16": self.bf16 in (True, False, "auto"),
+            "compile_mode": self.compile_mode in COMPILE_MODES,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -146,7 +152,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         if config.compile:
-            self.net = torch.compile(self.net)
+            self.net = torch.compile(self.net, mode=config.compile_mode)
         self.step = 0
         self.train_seconds = 0.0
         self.history: list[dict] = []  # {step, loss, lr, seconds}

@@ -33,9 +33,9 @@ def test_gpu_check_arguments(load_benchmark):
     gc = load_benchmark("gpu_check")
     a = gc.parse_args([])
     assert (a.config, a.batch, a.steps, a.warmup, a.no_compile) == ("DiT-S/2", 256, 50, 5, False)
-    q = gc.parse_args(["--quick"])
-    assert (q.steps, q.warmup) == (20, 3)
-    for bad in (["--batch", "0"], ["--steps", "0"], ["--config", "DiT-Q/3"]):
+    q = gc.parse_args(["--quick", "--compile-mode", "max-autotune"])
+    assert (q.steps, q.warmup, q.compile_mode, a.compile_mode) == (20, 3, "max-autotune", "default")
+    for bad in (["--batch", "0"], ["--steps", "0"], ["--config", "DiT-Q/3"], ["--compile-mode", "fast"]):
         with pytest.raises(SystemExit):
             gc.parse_args(bad)
 
@@ -66,6 +66,7 @@ def test_gpu_check_timing_code_runs_on_cpu(tmp_path, load_benchmark):
         assert res["throughput"][run]["images_per_s"] > 0 and 0 < res["throughput"][run]["mfu"] < 2
     assert res["throughput"]["tokens"] == 49 and res["bf16_matmul_peak_tflops"] > 0
     assert res["throughput"]["sdpa"] == "math" and res["throughput"]["datasheet_bf16_tflops"] is None
+    assert res["throughput"]["compile_mode"] is None and res["machine"]["device"] == "cpu"
 
 
 # ---- smoke runs (tiny configs patched in) -------------------------------------------------------------------------

@@ -125,6 +125,15 @@ def test_gradients_are_freed_at_the_end_of_every_step():
     assert "unknown size" not in run.stderr, run.stderr
 
 
+def test_compile_mode_is_checked_and_passed_to_torch_compile(monkeypatch):
+    with pytest.raises(ValueError, match="compile_mode"):
+        replace(CFG, compile_mode="fastest")
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode=None: seen.append(mode) or module)
+    tr = make_trainer(replace(CFG, compile=True, compile_mode="reduce-overhead"))
+    assert seen == ["reduce-overhead"] and tr.net is tr.model
+
+
 def test_bf16_and_grad_checkpointing_flags_run():
     tr = make_trainer(replace(CFG, bf16=True, grad_checkpointing=True, steps=2))
     tr.run(progress=False)
