@@ -261,6 +261,7 @@ def cmd_classifier(args) -> int:
     _threads(args.threads)
     model, info = train_classifier(epochs=args.epochs, seed=args.seed)
     info["held_out_accuracy"] = round(info["held_out_accuracy"], 4)
+    info["command"] = "minidit " + " ".join(args.argv)  # how to reproduce these weights
     save_classifier(args.out, model, info)
     print(f"held-out accuracy {info['held_out_accuracy']:.4f} → {args.out}")
     return 0
@@ -338,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # recorded with what a command writes
     try:
         return args.func(args)
     except CLIError as e:

@@ -12,7 +12,8 @@ from minidit.checkpoint import write_json
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:
-    """`python <script> <arguments>`: the arguments given as `argv`, or this process's own when argv is None."""
+    """`python <script> <arguments>` (script: a path, or "-m package.module"): the arguments given as `argv`, or
+    this process's own when argv is None."""
     if not isinstance(script, str) or not script:
         raise ValueError(f"script must be a non-empty path string, got {script!r}")
     return " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])

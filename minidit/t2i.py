@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from minidit.data import COLOURS, POSITIONS, SHAPES, SIZES, CaptionedShapes, Sha
 from minidit.flow import sample
 from minidit.mmdit import MMDiT, MMDiTConfig
 from minidit.models import DiT, DiTConfig
+from minidit.runinfo import command_line
 from minidit.text import TextEncoder, Tokenizer, caption_set
 from minidit.tokens import add_positions, unpatchify
 
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer = train(cfg, args.steps, args.batch_size, args.lr, args.n_images, args.seed, args.holdout,
                     progress=False, device=args.device, callback=evaluate if eval_at else None)
-    command = "python -m minidit.t2i " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("-m minidit.t2i", argv)
     path = save_shipped(args.out, trainer, command, config_name=args.config, torch=torch.__version__,
                         threads=torch.get_num_threads(), wall_seconds=round(time.perf_counter() - t0, 1),
                         curve=curve, curve_captions={k: len(v) for k, v in captions.items()})

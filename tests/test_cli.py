@@ -55,6 +55,16 @@ def test_demo_writes_metrics(tmp_path, capsys):
     assert m["machine"]["device"] == "cpu" and m["machine"]["threads"] >= 1  # where the figures were measured
 
 
+def test_classifier_records_the_command_that_made_it(tmp_path, capsys):
+    from minidit.checkpoint import read_meta
+
+    out = tmp_path / "clf.safetensors"
+    code, stdout, _ = run(capsys, "classifier", "--epochs", "1", "--out", str(out))
+    meta = read_meta(out)
+    assert code == 0 and "held-out accuracy" in stdout
+    assert meta["command"] == f"minidit classifier --epochs 1 --out {out}" and meta["epochs"] == 1
+
+
 def test_grading_commands_match_between_the_two_front_ends():
     from minidit.cli import build_parser
     from minidit.grading.cli import build_parser as grading_parser
