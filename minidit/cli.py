@@ -101,7 +101,8 @@ def cmd_train(args) -> int:
     trainer.run(checkpoint_path=state_path, checkpoint_every=args.checkpoint_every)
     if trainer.rank == 0:
         save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg),
-                   dataset=args.dataset, recipe=args.recipe, vae=recipe.vae)
+                   dataset=args.dataset, recipe=args.recipe, vae=recipe.vae, command="minidit " + " ".join(args.argv),
+                   train_seconds=round(trainer.train_seconds, 1), machine=machine(device))
         plot_loss(trainer.history, out / "loss.png")
         print(f"trained {trainer.step} steps in {trainer.train_seconds:.1f} s → {out / 'model.safetensors'}")
     return 0
@@ -212,11 +213,12 @@ def cmd_demo(args) -> int:
     trainer = Trainer(model, x, y, cfg, device=device)
     guide = GuideSnapshot(recipe.guide_at) if recipe.guide_at else None  # autoguidance's weak model: an early EMA
     trainer.run(callback=guide)
+    command = "minidit " + " ".join(args.argv)
     save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg), recipe=args.recipe,
-               vae=recipe.vae)
+               vae=recipe.vae, command=command)
     if guide is not None:
         save_model(out / "guide.safetensors", guide.model, step=guide.step, recipe=args.recipe, vae=recipe.vae,
-                   role=f"autoguidance guide: the EMA at {recipe.guide_at:.0%} of training")
+                   role=f"autoguidance guide: the EMA at {recipe.guide_at:.0%} of training", command=command)
     plot_loss(trainer.history, out / "loss.png", title=f"minidit demo ({args.recipe})")
 
     n = args.n
@@ -246,6 +248,7 @@ def cmd_demo(args) -> int:
         "bf16_autocast": trainer.bf16,  # what bf16="auto" resolved to on this device
         "sampling": skw,
         "machine": machine(device),
+        "command": command,
     })
     write_json(out / "metrics.json", metrics)
     print(f"conditional accuracy {metrics['conditional_accuracy']:.3f} | feature-FID {metrics['fid']:.3f} "

@@ -31,6 +31,9 @@ def test_train_resume_sample_evaluate(tmp_path, capsys):
     code, stdout, err = run(capsys, "train", "--recipe", "tiny", "--steps", "6", "--batch-size", "16",
                             "--out", str(out), "--resume", "--device", "cpu")
     assert code == 0 and "resumed from step 4" in err and "trained 6 steps" in stdout
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["command"] == f"minidit train --recipe tiny --steps 6 --batch-size 16 --out {out} --resume --device cpu"
+    assert meta["machine"]["device"] == "cpu" and meta["train_seconds"] > 0
 
     npz = tmp_path / "s.npz"
     code, stdout, _ = run(capsys, "sample", "--checkpoint", str(out / "model.safetensors"), "--n", "12",
@@ -53,6 +56,8 @@ def test_demo_writes_metrics(tmp_path, capsys):
         assert k in m
     assert m["steps"] == 3 and (tmp_path / "samples.png").exists() and (tmp_path / "loss.png").exists()
     assert m["machine"]["device"] == "cpu" and m["machine"]["threads"] >= 1  # where the figures were measured
+    assert m["command"] == f"minidit demo --recipe tiny --steps 3 --n 20 --out {tmp_path}"
+    assert json.loads((tmp_path / "model.json").read_text())["command"] == m["command"]
 
 
 def test_classifier_records_the_command_that_made_it(tmp_path, capsys):
