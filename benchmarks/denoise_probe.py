@@ -17,6 +17,7 @@ share of training draws at √SNR < 1 (where the image is more noise than signal
 and the share of the training LOSS those draws carry: what the gradient is mostly about.
 
     python benchmarks/denoise_probe.py --models DIR [--n 1000] [--json OUT]
+    python benchmarks/denoise_probe.py --models benchmarks/results/nfe_full_models    # the full sweep's models, ≈ 80 s
 """
 
 from __future__ import annotations
