@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in wrong:
         print(f"note: at {r['dtype']} T={r['tokens']} minidit runs {r['minidit_runs']} but the other kernel was "
               f"faster in every round here ({r['sdpa_over_unfused']:.2f}×)")
-    save_result(args.json, {"command": command_line("benchmarks/attention_kernels.py", argv), "machine": info,
+    save_result(args.json, {"command": command_line("python benchmarks/attention_kernels.py", argv), "machine": info,
                             "rows": rows,
                             "rule_disagrees_with_measurement_at": [(r["dtype"], r["tokens"]) for r in wrong]})
     return 0

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['forward_gflops_per_image']:.3f} GFLOPs/img", flush=True)
     print(f"quality: {steps} steps each, N = {n}", flush=True)
     quality = quality_rows(steps, n, args.seed)
-    save_result(args.json, {"command": command_line("benchmarks/attention_variants.py", argv), "machine": info,
+    save_result(args.json, {"command": command_line("python benchmarks/attention_variants.py", argv), "machine": info,
                             "speed_model": SPEED_MODEL, "quality_model": QUALITY_MODEL,
                             "speed": speed, "quality": quality})
     return 0

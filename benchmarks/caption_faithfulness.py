@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     n_seen, n_held, n_attn, n_stats = (40, 24, 16, 8) if args.quick else (300, 108, 64, 32)
     results: dict = {
-        "command": command_line("benchmarks/caption_faithfulness.py", argv),
+        "command": command_line("python benchmarks/caption_faithfulness.py", argv),
         "machine": machine(args.device),
         "eval": {"curve_captions": {"seen": 100, "heldout": 54}, "final_captions": {"seen": n_seen, "heldout": n_held},
                  "cfg_scales": [1.0, args.cfg], "sample_steps": args.sample_steps, "sampler": "euler",

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 for s in settings["seeds"]}
     out = {
         "benchmark": "conditioning_ablation", "quick": args.quick,
-        "command": command_line("benchmarks/conditioning_ablation.py", argv),
+        "command": command_line("python benchmarks/conditioning_ablation.py", argv),
         "settings": settings, "sampling": SAMPLE,
         "rows": rows, "summary": summary,
         "ranking_by_mean_fid": by_fid, "dit_ranking": dit_order,

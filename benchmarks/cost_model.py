@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['achieved_gflops_per_s']:.0f} GFLOP/s; peak {r['peak_mb']:.1f} MB "
               f"(model {r['predicted_peak_mb']:.1f}, ×{r['peak_ratio']:.2f}); saved activations "
               f"×{r['activation_ratio']:.2f}")
-    result = {"command": command_line("benchmarks/cost_model.py", argv), "machine": info,
+    result = {"command": command_line("python benchmarks/cost_model.py", argv), "machine": info,
               "memory_method": "torch.profiler profile_memory=True: running sum of allocation events, max",
               "model_table": table, "measured": rows}
     if args.plot:

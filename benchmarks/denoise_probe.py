@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     out = {"benchmark": "denoise_probe", "models": str(args.models), "n": args.n, "rows": rows,
            "high_noise_shares": shares,
-           "command": command_line("benchmarks/denoise_probe.py", argv), "machine": machine()}
+           "command": command_line("python benchmarks/denoise_probe.py", argv), "machine": machine()}
     save_result(args.json, out)
     if not args.json:
         print(json.dumps(rows))

@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         save_result(args.json, {"skipped": True, "reason": NO_CUDA})
         return 0
     t_start = time.perf_counter()
-    result: dict = {"command": command_line("benchmarks/gpu_check.py", argv), "machine": machine(device)}
+    result: dict = {"command": command_line("python benchmarks/gpu_check.py", argv), "machine": machine(device)}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         result["device"] = {"name": props.name, "count": torch.cuda.device_count(),

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['decode_seconds']:.2f} s; acc {r['conditional_accuracy']:.3f}, FID {r['fid']:.3f} "
               f"(floor {r['fid_floor']:.3f})", file=sys.stderr)
     out = {"benchmark": "latent_vs_pixel", "quick": args.quick,
-           "command": command_line("benchmarks/latent_vs_pixel.py", argv),
+           "command": command_line("python benchmarks/latent_vs_pixel.py", argv),
            "settings": settings, "sampling": SAMPLE, "vae": args.vae, "vae_config": vae.config.to_dict(),
            "vae_scale": float(vae.scale), "vae_encode_seconds_train_set": round(encode_s, 2),
            "vae_ceiling": {"n": ceiling["n"], "conditional_accuracy": round(ceiling["conditional_accuracy"], 4),

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torch.compile flagship {r['dtype']}: first step {r['first_step_seconds']} s, steady "
                   f"{r['compiled_seconds_per_step']:.3f} s vs eager {r['eager_seconds_per_step']:.3f} s "
                   f"(×{r['speedup']:.2f}, break-even after {r['break_even_steps']} steps)", flush=True)
-    result = {"command": command_line("benchmarks/memory_time.py", argv), "machine": info,
+    result = {"command": command_line("python benchmarks/memory_time.py", argv), "machine": info,
               "train_gflops_per_image": {n: train_flops_per_image(c) / 1e9 for n, c, _ in configs},
               "memory_method": "torch.profiler profile_memory=True: running sum of allocation events, max over one "
                                "train_step after a warm-up step (AdamW state already allocated)",

@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                             {k: v.half() for k, v in m.state_dict().items()},
                             {"kind": "model", "model": "DiT", "config": m.config.to_dict(),
                              "train": next(r["train_config"] for r in train_rows if r["objective"] == name),
-                             "command": command_line("benchmarks/nfe_sweep.py", argv)})
+                             "command": command_line("python benchmarks/nfe_sweep.py", argv)})
     n = settings["n"]
     labels = torch.arange(10).repeat_interleave(n // 10 + 1)[:n]
     noise = torch.randn((n, 1, 28, 28), generator=torch.Generator().manual_seed(args.seed + 1))
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(floor {r['fid_floor']:.3f})  {secs:.1f} s", file=sys.stderr)
     out = {
         "benchmark": "nfe_sweep", "quick": args.quick,
-        "command": command_line("benchmarks/nfe_sweep.py", argv),
+        "command": command_line("python benchmarks/nfe_sweep.py", argv),
         "model_config": DiTConfig(**settings["model"]).to_dict(), "settings": settings, "n": n,
         "note": "same DiT, same steps × batch for every objective; samples without guidance (cfg 1) from the same "
                 "noise; feature-FID vs the 1,000 held-out digits, floor = real training digits at the same N",

@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         print("minidit ÷ diffusers speed: " + ", ".join(
             f"{r['model']} {r['config']} {r['dtype']} {r['speedup_vs_diffusers']:.2f}×" for r in ratios))
     result = {
-        "command": command_line("benchmarks/throughput.py", argv), "machine": info,
+        "command": command_line("python benchmarks/throughput.py", argv), "machine": info,
         "peak_gflops": {"before": {k: v / 1e9 for k, v in peaks_before.items()},
                         "after": {k: v / 1e9 for k, v in peaks_after.items()}},
         "rows": rows, "ratios_vs_diffusers": ratios,

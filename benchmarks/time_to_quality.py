@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "model_config": recipe.model.to_dict(), "train_config": asdict(cfg), "bf16_autocast": trainer.bf16,
         "sampling": recipe.sample,
         "guide_at": recipe.guide_at,
-        "command": command_line("benchmarks/time_to_quality.py", argv), "machine": machine(),
+        "command": command_line("python benchmarks/time_to_quality.py", argv), "machine": machine(),
         "rows": rows,
         "final_without_autoguidance": ablation,
     }

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['classifier_accuracy_original']:.3f}), recon-FID {r['recon_fid']:.3f} (floor {r['fid_floor']:.3f})"
               f", {r['train_seconds']:.0f} s", file=sys.stderr)
     out = {"benchmark": "vae_rate_distortion", "quick": args.quick,
-           "command": command_line("benchmarks/vae_rate_distortion.py", argv),
+           "command": command_line("python benchmarks/vae_rate_distortion.py", argv),
            "settings": {**settings, "kl_weight": VAEConfig().kl_weight, "held_out_n": 1000}, "rows": rows,
            "total_seconds": round(time.perf_counter() - t0, 1),
            "machine": machine()}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from minidit.checkpoint import write_json
-from minidit.runinfo import machine
+from minidit.runinfo import command_line, machine
 
 
 class CLIError(Exception):
@@ -101,7 +101,7 @@ def cmd_train(args) -> int:
     trainer.run(checkpoint_path=state_path, checkpoint_every=args.checkpoint_every)
     if trainer.rank == 0:
         save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg),
-                   dataset=args.dataset, recipe=args.recipe, vae=recipe.vae, command="minidit " + " ".join(args.argv),
+                   dataset=args.dataset, recipe=args.recipe, vae=recipe.vae, command=command_line("minidit", args.argv),
                    train_seconds=round(trainer.train_seconds, 1), machine=machine(device))
         plot_loss(trainer.history, out / "loss.png")
         print(f"trained {trainer.step} steps in {trainer.train_seconds:.1f} s → {out / 'model.safetensors'}")
@@ -213,7 +213,7 @@ def cmd_demo(args) -> int:
     trainer = Trainer(model, x, y, cfg, device=device)
     guide = GuideSnapshot(recipe.guide_at) if recipe.guide_at else None  # autoguidance's weak model: an early EMA
     trainer.run(callback=guide)
-    command = "minidit " + " ".join(args.argv)
+    command = command_line("minidit", args.argv)
     save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg), recipe=args.recipe,
                vae=recipe.vae, command=command)
     if guide is not None:
@@ -264,7 +264,7 @@ def cmd_classifier(args) -> int:
     _threads(args.threads)
     model, info = train_classifier(epochs=args.epochs, seed=args.seed)
     info["held_out_accuracy"] = round(info["held_out_accuracy"], 4)
-    info["command"] = "minidit " + " ".join(args.argv)  # how to reproduce these weights
+    info["command"] = command_line("minidit", args.argv)  # how to reproduce these weights
     save_classifier(args.out, model, info)
     print(f"held-out accuracy {info['held_out_accuracy']:.4f} → {args.out}")
     return 0

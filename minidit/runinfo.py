@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 
 import torch
@@ -11,12 +12,13 @@ import torch
 from minidit.checkpoint import write_json
 
 
-def command_line(script: str, argv: list[str] | None = None) -> str:
-    """`python <script> <arguments>` (script: a path, or "-m package.module"): the arguments given as `argv`, or
-    this process's own when argv is None."""
-    if not isinstance(script, str) or not script:
-        raise ValueError(f"script must be a non-empty path string, got {script!r}")
-    return " ".join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+def command_line(program: str, argv: list[str] | None = None) -> str:
+    """The shell command `<program> <arguments>`, quoted where an argument needs it (program: e.g. "minidit",
+    "python -m minidit.vae", "python benchmarks/throughput.py"); the arguments given as argv, or this process's
+    own when argv is None."""
+    if not isinstance(program, str) or not program.strip():
+        raise ValueError(f"program must be a non-empty command string, got {program!r}")
+    return shlex.join([*shlex.split(program), *(sys.argv[1:] if argv is None else argv)])
 
 
 def machine(device: torch.device | str | None = None) -> dict:

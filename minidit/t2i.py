@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer = train(cfg, args.steps, args.batch_size, args.lr, args.n_images, args.seed, args.holdout,
                     progress=False, device=args.device, callback=evaluate if eval_at else None)
-    command = command_line("-m minidit.t2i", argv)
+    command = command_line("python -m minidit.t2i", argv)
     path = save_shipped(args.out, trainer, command, config_name=args.config, torch=torch.__version__,
                         threads=torch.get_num_threads(), wall_seconds=round(time.perf_counter() - t0, 1),
                         curve=curve, curve_captions={k: len(v) for k, v in captions.items()})

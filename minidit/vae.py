@@ -440,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     held = evaluate_vae(vae, xt, yt)
     info.update({"dataset": args.dataset, "held_out": {k: round(v, 4) if isinstance(v, float) else v
                                                       for k, v in held.items()},
-                 "command": command_line("-m minidit.vae", argv)})
+                 "command": command_line("python -m minidit.vae", argv)})
     save_vae(args.out, vae, info)
     print(f"{vae.num_params():,} parameters, {info['train_seconds']:.0f} s; held-out PSNR {held['psnr']:.2f} dB, "
           f"KL {held['kl_bits']:.0f} bits/image, scale {info['scale']:.4f} → {args.out}")

@@ -10,13 +10,14 @@ from minidit.runinfo import command_line, machine, save_result
 
 
 def test_command_line_uses_the_given_arguments_or_the_process_own(monkeypatch):
-    cmd = command_line("benchmarks/x.py", ["--quick", "--json", "o.json"])
+    cmd = command_line("python benchmarks/x.py", ["--quick", "--json", "o.json"])
     assert cmd == "python benchmarks/x.py --quick --json o.json"
-    assert command_line("benchmarks/x.py", []) == "python benchmarks/x.py"  # [] means no arguments, not sys.argv
+    assert command_line("python benchmarks/x.py", []) == "python benchmarks/x.py"  # [] is no arguments, not sys.argv
     monkeypatch.setattr(sys, "argv", ["x.py", "--n", "5"])
-    assert command_line("benchmarks/x.py") == "python benchmarks/x.py --n 5"
-    with pytest.raises(ValueError, match="script"):
-        command_line("", [])
+    assert command_line("python -m minidit.vae") == "python -m minidit.vae --n 5"
+    assert command_line("minidit", ["train", "--out", "my runs/a"]) == "minidit train --out 'my runs/a'"  # quoted
+    with pytest.raises(ValueError, match="program"):
+        command_line(" ", [])
 
 
 def test_machine_records_threads_and_device():
