@@ -21,6 +21,14 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return emb
 
 
+def init_mlp(mlp: nn.Sequential, std: float = 0.02) -> None:
+    """DiT's initialisation of its conditioning MLPs: every Linear's weight N(0, std²), bias zero."""
+    for lin in mlp:
+        if isinstance(lin, nn.Linear):
+            nn.init.normal_(lin.weight, std=std)
+            nn.init.zeros_(lin.bias)
+
+
 class TimestepEmbedder(nn.Module):
     """t ∈ [0, 1] (0 = data, 1 = noise) → t·1000 → 256 sinusoidal features → Linear–SiLU–Linear."""
 
@@ -28,6 +36,9 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_dim, self.scale = frequency_dim, scale
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def init_weights(self) -> None:
+        init_mlp(self.mlp)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         freq = timestep_embedding(t * self.scale, self.frequency_dim)  # (B, 256)

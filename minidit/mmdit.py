@@ -19,7 +19,7 @@ from torch import nn
 from minidit.attention import QKNorm, _Recordable, attention, merge_heads, split_heads
 from minidit.blocks import FinalLayer, Mlp, _xavier_linears, gated_add, modulate
 from minidit.checkpoint import config_from_dict
-from minidit.embed import TimestepEmbedder
+from minidit.embed import TimestepEmbedder, init_mlp
 from minidit.models import apply_block, backbone_checks
 from minidit.tokens import PatchEmbed, add_positions, crop_pos_embed, sincos_2d, unpatchify
 
@@ -235,14 +235,11 @@ class MMDiT(nn.Module):
 
     def init_weights(self) -> None:
         """DiT's initialisation for both streams: xavier Linear/patch conv, N(0, 0.02) conditioning MLPs, zero adaLN."""
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        self.x_embedder.init_weights()
         nn.init.xavier_uniform_(self.context_embedder.weight)
         nn.init.zeros_(self.context_embedder.bias)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2], self.pooled_embedder[0], self.pooled_embedder[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
+        self.t_embedder.init_weights()
+        init_mlp(self.pooled_embedder)
         for block in self.blocks:
             block.init_weights()
         self.final_layer.init_weights()

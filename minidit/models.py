@@ -162,13 +162,9 @@ class DiT(nn.Module):
 
     def init_weights(self) -> None:
         """DiT's initialisation: xavier Linear/patch conv, N(0, 0.02) label and time MLP, zero adaLN and output."""
-        w = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        self.x_embedder.init_weights()
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
+        self.t_embedder.init_weights()
         for block in self.blocks:
             block.init_weights()
         self.final_layer.init_weights()

@@ -28,6 +28,7 @@ from torch import nn
 
 from minidit.checkpoint import config_from_dict
 from minidit.data import COLOURS, POSITIONS, SHAPES, SIZES, CaptionedShapes, ShapeSpec, caption_for
+from minidit.embed import init_mlp
 from minidit.flow import sample
 from minidit.mmdit import MMDiT, MMDiTConfig
 from minidit.models import DiT, DiTConfig
@@ -107,9 +108,7 @@ class CrossAttnDiT(DiT):
         super().__init__(config)
         self.pooled_embedder = nn.Sequential(nn.Linear(pooled_dim, config.dim), nn.SiLU(),
                                              nn.Linear(config.dim, config.dim))
-        for lin in (self.pooled_embedder[0], self.pooled_embedder[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-            nn.init.zeros_(lin.bias)
+        init_mlp(self.pooled_embedder)
 
     def forward(
         self,

@@ -56,6 +56,12 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
 
+    def init_weights(self) -> None:
+        """DiT's: xavier-uniform on the kernel seen as the (D, p·p·C) Linear it is, zero bias."""
+        w = self.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # (D, C, p, p) → (D, C·p·p)
+        nn.init.zeros_(self.proj.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_image(x, self.patch_size)
         if x.shape[1] != self.proj.in_channels:
