@@ -60,6 +60,20 @@ def joint_attention(
     return out[:, :, :L], out[:, :, L:]
 
 
+def check_text_inputs(context: torch.Tensor, pooled: torch.Tensor, context_mask: torch.Tensor | None, batch: int,
+                      context_dim: int, pooled_dim: int) -> None:
+    """ValueError unless context is (B, L, context_dim), pooled (B, pooled_dim) and context_mask None or bool (B, L)."""
+    if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != batch \
+            or context.shape[2] != context_dim:
+        raise ValueError(f"context must be (B={batch}, L, {context_dim}), got {getattr(context, 'shape', None)}")
+    if not isinstance(pooled, torch.Tensor) or pooled.shape != (batch, pooled_dim):
+        raise ValueError(f"pooled must be ({batch}, {pooled_dim}), got {getattr(pooled, 'shape', None)}")
+    if context_mask is not None and (not isinstance(context_mask, torch.Tensor) or context_mask.dtype != torch.bool
+                                     or context_mask.shape != context.shape[:2]):
+        raise ValueError(f"context_mask must be bool {tuple(context.shape[:2])}, got "
+                         f"{getattr(context_mask, 'dtype', None)} {tuple(getattr(context_mask, 'shape', ()))}")
+
+
 class JointAttention(_Recordable):
     """Per-modality qkv (and optional QK-RMSNorm per head) → `joint_attention` → per-modality output projections.
 
@@ -262,14 +276,7 @@ class MMDiT(nn.Module):
                              f"{c.max_grid * c.patch_size} pixels a side (pos_embed_max_size {c.max_grid})")
         if not isinstance(t, torch.Tensor) or t.shape != (B,):
             raise ValueError(f"t must be a tensor of shape ({B},), got {getattr(t, 'shape', type(t).__name__)}")
-        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != B \
-                or context.shape[2] != c.context_dim:
-            raise ValueError(f"context must be (B={B}, L, {c.context_dim}), got {getattr(context, 'shape', None)}")
-        if not isinstance(pooled, torch.Tensor) or pooled.shape != (B, c.pooled_dim):
-            raise ValueError(f"pooled must be ({B}, {c.pooled_dim}), got {getattr(pooled, 'shape', None)}")
-        if context_mask is not None and (context_mask.shape != context.shape[:2] or context_mask.dtype != torch.bool):
-            raise ValueError(f"context_mask must be bool {tuple(context.shape[:2])}, got "
-                             f"{context_mask.dtype} {tuple(context_mask.shape)}")
+        check_text_inputs(context, pooled, context_mask, B, c.context_dim, c.pooled_dim)
 
     def forward(
         self,

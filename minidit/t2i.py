@@ -30,7 +30,7 @@ from minidit.checkpoint import config_from_dict
 from minidit.data import COLOURS, POSITIONS, SHAPES, SIZES, CaptionedShapes, ShapeSpec, caption_for
 from minidit.embed import init_mlp
 from minidit.flow import sample
-from minidit.mmdit import MMDiT, MMDiTConfig
+from minidit.mmdit import MMDiT, MMDiTConfig, check_text_inputs
 from minidit.models import DiT, DiTConfig
 from minidit.runinfo import command_line
 from minidit.text import TextEncoder, Tokenizer, caption_set
@@ -120,6 +120,8 @@ class CrossAttnDiT(DiT):
     ) -> torch.Tensor:
         y = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.check_inputs(x, t, y)
+        check_text_inputs(context, pooled, context_mask, x.shape[0], self.config.context_dim,
+                          self.pooled_embedder[0].in_features)
         tokens = add_positions(self.x_embedder(x), self.pos_embed)  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y) + self.pooled_embedder(pooled)  # (B, D)
         tokens = self.run_blocks(tokens, c, context, context_mask)  # (B, T, D)

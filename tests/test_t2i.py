@@ -67,6 +67,18 @@ def test_forward_shapes_fresh_zero_and_caption_ids(backbone):
 
 
 @pytest.mark.parametrize("backbone", ["dit", "mmdit"])
+def test_backbones_check_the_text_inputs_alike(backbone):
+    net = tiny(backbone).backbone
+    x, t, ctx, pooled = torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 5, 16), torch.randn(2, 16)
+    assert net(x, t, ctx, pooled, torch.ones(2, 5, dtype=torch.bool)).shape == x.shape
+    for bad, match in [((torch.randn(2, 5, 7), pooled, None), "context must be"),
+                       ((ctx, torch.randn(3, 16), None), "pooled must be"),
+                       ((ctx, pooled, torch.ones(2, 5)), "context_mask must be bool")]:
+        with pytest.raises(ValueError, match=match):
+            net(x, t, *bad)
+
+
+@pytest.mark.parametrize("backbone", ["dit", "mmdit"])
 def test_the_caption_reaches_the_output_and_dropout_is_the_null_caption(backbone):
     m = randomize(tiny(backbone))
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
