@@ -121,6 +121,32 @@ def _parse_labels(spec: str, n: int, num_classes: int) -> torch.Tensor:
     return torch.tensor(vals).repeat(-(-n // len(vals)))[:n]
 
 
+SAMPLE_DEFAULTS = {"steps": 20, "sampler": "euler", "cfg_scale": 2.0, "shift": 1.0, "guide_scale": 1.0}
+
+
+def _sample_settings(args, meta: dict) -> tuple[dict, str | None]:
+    """Sampler settings and guide model: the defaults, then the recipe the checkpoint records, then any flag given.
+
+    A guide scale ≠ 1 (autoguidance) needs a guide model: --guide, else the `guide.safetensors` that `minidit demo`
+    writes beside its model. Without one, a scale that came from the recipe falls back to 1 (CFG alone)."""
+    from minidit.recipes import RECIPES
+
+    recipe = RECIPES.get(meta.get("recipe"))
+    settings = {**SAMPLE_DEFAULTS, **(recipe.sample if recipe is not None else {})}
+    settings.update({k: getattr(args, k) for k in SAMPLE_DEFAULTS if getattr(args, k) is not None})
+    guide = args.guide
+    beside = Path(args.checkpoint).with_name("guide.safetensors")
+    if guide is None and settings["guide_scale"] != 1.0 and beside.exists():
+        guide = str(beside)
+    if guide is None and settings["guide_scale"] != 1.0:
+        if args.guide_scale is not None:
+            raise CLIError(f"--guide-scale {args.guide_scale} needs --guide (the weaker model to guide with)")
+        print(f"recipe {meta.get('recipe')!r} samples with autoguidance, but there is no guide model "
+              f"({beside} does not exist, no --guide): sampling with CFG alone", file=sys.stderr)
+        settings["guide_scale"] = 1.0
+    return settings, guide
+
+
 def cmd_sample(args) -> int:
     from minidit.checkpoint import CheckpointError, read_meta
     from minidit.data import to_uint8
@@ -134,20 +160,20 @@ def cmd_sample(args) -> int:
         raise CLIError(f"--n must be ≥ 1, got {args.n}")
     if not args.out.endswith(".npz"):
         raise CLIError(f"--out must be a .npz file, got {args.out!r}")
-    if args.guide_scale != 1.0 and not args.guide:
-        raise CLIError(f"--guide-scale {args.guide_scale} needs --guide (the weaker model to guide with)")
     try:
+        meta = read_meta(args.checkpoint)
+        settings, guide_path = _sample_settings(args, meta)
         model = load_model(args.checkpoint, device=_device(args.device))
-        vae_name = read_meta(args.checkpoint).get("vae")  # set for models trained on a VAE's latents
+        vae_name = meta.get("vae")  # set for models trained on a VAE's latents
         vae = load_vae(vae_name, device=next(model.parameters()).device) if vae_name else None
-        guide = load_model(args.guide, device=next(model.parameters()).device) if args.guide else None
+        guide = load_model(guide_path, device=next(model.parameters()).device) if guide_path else None
     except (CheckpointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     labels = _parse_labels(args.labels, args.n, model.config.num_classes)
     g = torch.Generator().manual_seed(args.seed)
+    print(f"sampling with {settings}" + (f", guide {guide_path}" if guide_path else ""), file=sys.stderr)
     t0 = time.perf_counter()
-    kw = dict(steps=args.steps, cfg_scale=args.cfg_scale, sampler=args.sampler, shift=args.shift, generator=g,
-              guide_model=guide, guide_scale=args.guide_scale)
+    kw = dict(settings, generator=g, guide_model=guide)
     try:
         imgs = sample_images(model, vae, labels, **kw) if vae is not None else sample(model, labels, **kw)
     except ValueError as e:
@@ -301,12 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=100)
     s.add_argument("--out", required=True, help="FILE.npz")
     s.add_argument("--labels", default="balanced", help="'balanced' or e.g. '3' or '1,7'")
-    s.add_argument("--cfg-scale", type=float, default=2.0)
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--sampler", default="euler", choices=["euler", "heun"])
-    s.add_argument("--shift", type=float, default=1.0)
-    s.add_argument("--guide", help="autoguidance: a weaker model of the same task (e.g. the demo's guide.safetensors)")
-    s.add_argument("--guide-scale", type=float, default=1.0, help="autoguidance scale (1: off)")
+    # sampler settings: a flag wins, else the recipe the checkpoint was trained with, else SAMPLE_DEFAULTS
+    s.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (1: off)")
+    s.add_argument("--steps", type=int, help="solver steps")
+    s.add_argument("--sampler", choices=["euler", "heun"])
+    s.add_argument("--shift", type=float, help="SD3's time shift (1: none)")
+    s.add_argument("--guide", help="autoguidance: a weaker model of the same task (default: guide.safetensors "
+                                   "beside the checkpoint, which `minidit demo` writes)")
+    s.add_argument("--guide-scale", type=float, help="autoguidance scale (1: off)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--grid", help="also write a PNG grid of the first 100")
     common(s)

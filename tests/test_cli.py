@@ -126,12 +126,24 @@ def test_latent_demo_then_sample_decodes_with_the_recorded_vae(tmp_path, capsys)
     assert m["sampling"]["guide_scale"] != 1 and 0 < m["guide_step"] < 3  # autoguidance by an early EMA
     assert json.loads((out / "guide.json").read_text())["step"] == m["guide_step"]
     npz = tmp_path / "s.npz"
-    code, _, _ = run(capsys, "sample", "--checkpoint", str(out / "model.safetensors"), "--n", "5", "--steps", "2",
-                     "--out", str(npz), "--guide", str(out / "guide.safetensors"), "--guide-scale", "1.5")
+    code, _, err = run(capsys, "sample", "--checkpoint", str(out / "model.safetensors"), "--n", "5", "--out", str(npz))
     assert code == 0 and np.load(npz)["images"].shape == (5, 28, 28, 1)  # decoded digits, not 4×8×8 latents
-    code, _, err = run(capsys, "sample", "--checkpoint", str(out / "model.safetensors"), "--out", str(npz),
+    # no flags: the recipe's sampler, with the guide the demo wrote beside the model
+    assert "'steps': 10, 'sampler': 'heun', 'cfg_scale': 1.15, 'shift': 1.0, 'guide_scale': 1.75" in err
+    assert f"guide {out / 'guide.safetensors'}" in err
+    code, _, err = run(capsys, "sample", "--checkpoint", str(out / "model.safetensors"), "--n", "5", "--steps", "2",
+                       "--out", str(npz), "--guide", str(out / "guide.safetensors"), "--guide-scale", "1.5")
+    assert code == 0 and "'steps': 2" in err and "'guide_scale': 1.5" in err  # flags win
+    alone = tmp_path / "alone"  # the model without its guide
+    alone.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        (alone / name).write_bytes((out / name).read_bytes())
+    code, _, err = run(capsys, "sample", "--checkpoint", str(alone / "model.safetensors"), "--out", str(npz),
                        "--guide-scale", "1.5")
     assert code == 2 and "needs --guide" in err
+    code, _, err = run(capsys, "sample", "--checkpoint", str(alone / "model.safetensors"), "--n", "5",
+                       "--steps", "2", "--out", str(npz))
+    assert code == 0 and "sampling with CFG alone" in err and "'guide_scale': 1.0" in err
 
 
 def test_latent_train_rejects_images_its_vae_cannot_encode(tmp_path, capsys, monkeypatch):
