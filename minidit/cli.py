@@ -71,7 +71,7 @@ def _train_config(recipe_train, args) -> object:
 def cmd_train(args) -> int:
     from minidit.data import DataNotAvailableError, dataset_tensors
     from minidit.models import DiT, get_config, save_model
-    from minidit.recipes import get_recipe, recipe_vae, training_data
+    from minidit.recipes import GuideSnapshot, get_recipe, recipe_vae, training_data
     from minidit.train import Trainer
     from minidit.viz import plot_loss
 
@@ -98,10 +98,23 @@ def cmd_train(args) -> int:
             raise CLIError(f"--resume: no training checkpoint at {state_path}")
         trainer.load(state_path)
         print(f"resumed from step {trainer.step}", file=sys.stderr)
-    trainer.run(checkpoint_path=state_path, checkpoint_every=args.checkpoint_every)
+    command = command_line("minidit", args.argv)
+    guide_path = out / "guide.safetensors"
+    # a recipe with autoguidance samples with the EMA copied at `guide_at` of the run: written as soon as it is taken
+    # (a resumed run keeps the one already written)
+    guide = GuideSnapshot(recipe.guide_at) if recipe.guide_at and not (args.resume and guide_path.exists()) else None
+
+    def keep_guide(t: Trainer) -> None:
+        if guide is not None and guide.model is None:
+            guide(t)
+            if guide.model is not None and t.rank == 0:
+                save_model(guide_path, guide.model, step=guide.step, recipe=args.recipe, vae=recipe.vae,
+                           role=f"autoguidance guide: the EMA at {recipe.guide_at:.0%} of training", command=command)
+
+    trainer.run(checkpoint_path=state_path, checkpoint_every=args.checkpoint_every, callback=keep_guide)
     if trainer.rank == 0:
         save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg),
-                   dataset=args.dataset, recipe=args.recipe, vae=recipe.vae, command=command_line("minidit", args.argv),
+                   dataset=args.dataset, recipe=args.recipe, vae=recipe.vae, command=command,
                    train_seconds=round(trainer.train_seconds, 1), machine=machine(device))
         plot_loss(trainer.history, out / "loss.png")
         print(f"trained {trainer.step} steps in {trainer.train_seconds:.1f} s → {out / 'model.safetensors'}")

@@ -146,6 +146,22 @@ def test_latent_demo_then_sample_decodes_with_the_recorded_vae(tmp_path, capsys)
     assert code == 0 and "sampling with CFG alone" in err and "'guide_scale': 1.0" in err
 
 
+def test_train_with_an_autoguidance_recipe_writes_its_guide_once(tmp_path, capsys):
+    out = tmp_path / "lat"
+    argv = ["train", "--recipe", "latent", "--steps", "6", "--time-budget", "0", "--batch-size", "8",
+            "--out", str(out), "--device", "cpu", "--no-bf16"]
+    assert run(capsys, *argv)[0] == 0
+    guide = json.loads((out / "guide.json").read_text())
+    assert guide["step"] == 2 and guide["recipe"] == "latent"  # the first step at ≥ 18 % of 6
+    argv[argv.index("6")] = "8"
+    code, _, err = run(capsys, *argv, "--resume")
+    assert code == 0 and "resumed from step 6" in err
+    assert json.loads((out / "guide.json").read_text())["step"] == 2  # kept, not re-taken at the resumed step
+    code, _, err = run(capsys, "sample", "--checkpoint", str(out / "model.safetensors"), "--n", "4", "--steps", "1",
+                       "--out", str(tmp_path / "s.npz"))
+    assert code == 0 and f"guide {out / 'guide.safetensors'}" in err and "'guide_scale': 1.75" in err
+
+
 def test_latent_train_rejects_images_its_vae_cannot_encode(tmp_path, capsys, monkeypatch):
     import minidit.data
 
