@@ -241,7 +241,7 @@ class Trainer:
             group["lr"] = lr
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             loss = self.loss(b)
-        self.opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)  # None already after our own steps; drops any a caller left behind
         loss.backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
