@@ -68,6 +68,16 @@ def _train_config(recipe_train, args) -> object:
 
 
 # ---- train ---------------------------------------------------------------------------------------------
+def _save_guide(path: Path, guide, recipe_name: str, command: str) -> None:
+    """An autoguidance guide (a recipes.GuideSnapshot's early EMA) beside the model, for `minidit sample` to find."""
+    from minidit.models import save_model
+    from minidit.recipes import get_recipe
+
+    recipe = get_recipe(recipe_name)
+    save_model(path, guide.model, step=guide.step, recipe=recipe_name, vae=recipe.vae, command=command,
+               role=f"autoguidance guide: the EMA at {recipe.guide_at:.0%} of training")
+
+
 def cmd_train(args) -> int:
     from minidit.data import DataNotAvailableError, dataset_tensors
     from minidit.models import DiT, get_config, save_model
@@ -108,8 +118,7 @@ def cmd_train(args) -> int:
         if guide is not None and guide.model is None:
             guide(t)
             if guide.model is not None and t.rank == 0:
-                save_model(guide_path, guide.model, step=guide.step, recipe=args.recipe, vae=recipe.vae,
-                           role=f"autoguidance guide: the EMA at {recipe.guide_at:.0%} of training", command=command)
+                _save_guide(guide_path, guide, args.recipe, command)
 
     trainer.run(checkpoint_path=state_path, checkpoint_every=args.checkpoint_every, callback=keep_guide)
     if trainer.rank == 0:
@@ -256,8 +265,7 @@ def cmd_demo(args) -> int:
     save_model(out / "model.safetensors", trainer.ema, step=trainer.step, train=asdict(cfg), recipe=args.recipe,
                vae=recipe.vae, command=command)
     if guide is not None:
-        save_model(out / "guide.safetensors", guide.model, step=guide.step, recipe=args.recipe, vae=recipe.vae,
-                   role=f"autoguidance guide: the EMA at {recipe.guide_at:.0%} of training", command=command)
+        _save_guide(out / "guide.safetensors", guide, args.recipe, command)
     plot_loss(trainer.history, out / "loss.png", title=f"minidit demo ({args.recipe})")
 
     n = args.n
