@@ -6,15 +6,12 @@ benchmarks/results/)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from minidit.cost import train_flops_per_image
 from minidit.models import get_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---- gpu_check ------------------------------------------------------------------------------------------------
