@@ -67,13 +67,19 @@ def test_gpu_check_timing_code_runs_on_cpu(tmp_path, load_benchmark):
 
 
 # ---- smoke runs (tiny configs patched in) -------------------------------------------------------------------------
-def test_throughput_smoke_writes_ratios_and_mfu(tmp_path, monkeypatch, load_benchmark):
+def test_throughput_smoke_writes_ratios_and_mfu(tmp_path, monkeypatch, capsys, load_benchmark):
     tp = load_benchmark("throughput")
     monkeypatch.setattr(tp, "course_configs", lambda quick: [("flagship", get_config("mnist-tiny"), 4)])
-    monkeypatch.setattr(tp, "measure_peaks", lambda seconds: {"float32": 1e11, "bfloat16": 2e11})
+    peaks = iter([{"float32": 1e11, "bfloat16": 2e11}, {"float32": 2e11, "bfloat16": 4e11}])  # before, after
+    monkeypatch.setattr(tp, "measure_peaks", lambda seconds: next(peaks))
     out = tmp_path / "t.json"
     assert tp.main(["--quick", "--rounds", "2", "--threads", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
+    summary = capsys.readouterr().out.split("matmul peak (best of before/after)")[1]
+    for r in res["rows"]:  # the closing summary prints what the JSON holds (MFU against the better peak)
+        if r["config"] == "flagship" and r["model"] == "DiT" and r["impl"] != "diffusers":
+            assert f"flagship {r['impl']} {r['dtype']}: {r['images_per_s']:.1f} img/s = " \
+                   f"{100 * r['mfu_vs_fp32_peak']:.1f}% of the fp32 matmul peak" in summary
     impls = {(r["model"], r["impl"], r["dtype"]) for r in res["rows"]}
     for dtype in ("fp32", "bf16"):
         assert {("DiT", "minidit", dtype), ("DiT", "diffusers", dtype), ("MMDiT", "minidit", dtype),
@@ -84,7 +90,7 @@ def test_throughput_smoke_writes_ratios_and_mfu(tmp_path, monkeypatch, load_benc
     step = [r for r in res["rows"] if r["impl"] == "Trainer.train_step"]
     assert len(step) == 2 and all(r["seconds_vs_fwd_bwd_same_rounds"] > 0 for r in step)
     r = res["rows"][0]
-    assert r["mfu_vs_fp32_peak"] == pytest.approx(r["images_per_s"] * r["train_gflops_per_image"] * 1e9 / 1e11,
+    assert r["mfu_vs_fp32_peak"] == pytest.approx(r["images_per_s"] * r["train_gflops_per_image"] * 1e9 / 2e11,
                                                   rel=1e-3)
     assert res["flagship_best"]["impl"] in ("minidit", "Trainer.train_step")
 
