@@ -44,6 +44,10 @@ def _expand_mask(mask: torch.Tensor | None, B: int, Tk: int) -> torch.Tensor | N
 # of benchmarks/attention_kernels.py): bf16 1.7–3.8× up to 196 keys, 1.45–1.6× at 512, 0.7–1.3× at 1,024;
 # fp32 1.2–1.3× at 16 keys, 1.0–1.1× from 32 to 64, 0.8–0.9× at 128. Elsewhere (GPUs, fp16, longer sequences) SDPA.
 CPU_UNFUSED_MAX_KEYS = {torch.float32: 64, torch.bfloat16: 512}
+# Rows shorter than this get their softmax in fp32 on the unfused path: PyTorch's bf16 CPU softmax handles a row
+# shorter than its vector width slowly (forward + backward at 16 keys 0.47 ms in bf16 against 0.13–0.18 ms through
+# fp32; from 32 keys bf16 is as fast or faster). The forward values are the same bits; the gradients are rounded once.
+FP32_SOFTMAX_BELOW_KEYS = 32
 
 
 def runs_unfused(device: torch.device | str, dtype: torch.dtype, keys: int) -> bool:
@@ -84,7 +88,8 @@ def attention(
     if m is not None:
         scores = scores.masked_fill(~m, float("-inf"))
     if not return_weights:  # the unfused training path: softmax in q's dtype (bf16 accumulates in fp32 inside)
-        return scores.softmax(dim=-1) @ v  # (B, H, Tq, d)
+        short = k.shape[2] < FP32_SOFTMAX_BELOW_KEYS
+        return scores.softmax(dim=-1, dtype=torch.float32 if short else None).to(q.dtype) @ v  # (B, H, Tq, d)
     weights = scores.float().softmax(dim=-1).to(q.dtype)
     return weights @ v, weights  # (B, H, Tq, d), (B, H, Tq, Tk)
 

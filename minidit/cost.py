@@ -25,7 +25,7 @@ from dataclasses import replace
 
 import torch
 
-from minidit.attention import runs_unfused
+from minidit.attention import FP32_SOFTMAX_BELOW_KEYS, runs_unfused
 from minidit.mmdit import MMDiTConfig
 from minidit.models import DiTConfig
 
@@ -123,7 +123,8 @@ def _block_bytes(config: DiTConfig, batch: int, bf16: bool, device: torch.device
     weights = 4 * D * D + 2 * D * hidden  # qkv, out-proj, fc1, fc2 (biases and adaLN counted below)
     act = 2 if bf16 else 4  # bytes per saved activation value: the residual stream is bf16 under autocast too
     unfused = runs_unfused(device, torch.bfloat16 if bf16 else torch.float32, T)
-    per_head = act * T if unfused else 4  # the (T × T) softmax weights per head, or SDPA's log-sum-exp
+    fp32_softmax = bf16 and T < FP32_SOFTMAX_BELOW_KEYS  # short bf16 rows also keep their fp32 softmax output
+    per_head = (act + 4 * fp32_softmax) * T if unfused else 4  # the (T × T) softmax weights per head, or SDPA's LSE
     saved = (act * (12 + 2 * r) * D + per_head * H) * T * batch
     if bf16:
         saved += 2 * (weights + 6 * D * D)  # the bf16 copies of the weights that the matmuls save (adaLN's too)
@@ -150,7 +151,8 @@ def dit_activation_bytes(config: DiTConfig, batch: int = 1, bf16: bool = False,
       bf16 autocast: all 12 + 2·r in bf16 (half the bytes; the residual stream starts in the patch conv's bf16,
             `minidit.tokens.add_positions`), plus the bf16 copies of the block's weights.
       On a CPU, short sequences (fp32 ≤ 64 tokens, bf16 ≤ 512, `minidit.attention.runs_unfused`) run attention
-            unfused, which keeps each head's T×T weights instead of SDPA's log-sum-exp.
+            unfused, which keeps each head's T×T weights instead of SDPA's log-sum-exp (under bf16 below 32 tokens
+            both the fp32 softmax output and its bf16 copy, `minidit.attention.FP32_SOFTMAX_BELOW_KEYS`).
     Outside the blocks ≈ 3·D per token (`_outside_bytes`). With gradient checkpointing each block keeps only its
     input (one vector per token) until backward recomputes it.
     """

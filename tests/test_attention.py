@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidit.attention import CPU_UNFUSED_MAX_KEYS, Attention, CrossAttention, QKNorm, attention, runs_unfused
+from minidit.attention import (
+    CPU_UNFUSED_MAX_KEYS,
+    FP32_SOFTMAX_BELOW_KEYS,
+    Attention,
+    CrossAttention,
+    QKNorm,
+    attention,
+    runs_unfused,
+)
 
 
 def naive_attention(q, k, v, mask=None):
@@ -66,6 +74,29 @@ def test_bf16_paths_match_fp32_sdpa_forward_and_backward(keys):
     assert torch.allclose(out.float(), ref, atol=3e-2, rtol=3e-2)
     for a, b in zip(ins, ref_in):
         assert torch.allclose(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_short_bf16_rows_take_their_softmax_in_fp32():
+    """Below FP32_SOFTMAX_BELOW_KEYS keys the unfused path runs softmax in fp32 (bf16's CPU kernel is slow on short
+    rows): the same forward bits as a bf16 softmax, gradients as the fp32 softmax gives them; fp32 inputs unchanged."""
+    g = torch.Generator().manual_seed(0)
+    for keys in (16, FP32_SOFTMAX_BELOW_KEYS):
+        q, k, v = (torch.randn(4, 2, n, 16, generator=g) for n in (keys, keys, keys))
+        grad_out = torch.randn(4, 2, keys, 16, generator=g).to(torch.bfloat16)
+        ins = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+        out = attention(*ins)
+        out.backward(grad_out)
+        for dtype in (torch.bfloat16, torch.float32):  # a bf16 softmax, then the fp32 route, written out
+            ref_in = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+            scores = (ref_in[0] @ ref_in[1].transpose(-2, -1)) / 4.0
+            ref = scores.softmax(-1, dtype=dtype).to(torch.bfloat16) @ ref_in[2]
+            ref.backward(grad_out)
+            assert torch.equal(out, ref)
+            grads_equal = all(torch.equal(a.grad, b.grad) for a, b in zip(ins, ref_in))
+            assert grads_equal == ((dtype == torch.float32) == (keys < FP32_SOFTMAX_BELOW_KEYS))
+    q32 = torch.randn(2, 2, 16, 8, generator=g, requires_grad=True)
+    ref32 = ((q32 @ q32.transpose(-2, -1)) / math.sqrt(8)).softmax(-1) @ q32
+    assert torch.equal(attention(q32, q32, q32), ref32)
 
 
 def test_self_attention_matches_torch_multihead_attention():

@@ -135,6 +135,23 @@ def test_activation_model_counts_attention_weights_only_where_attention_runs_unf
     assert dit_activation_bytes(cfg, B) == dit_activation_bytes(cfg, B, device="cuda")  # fp32 at 196 keys: SDPA
 
 
+def test_activation_model_counts_the_fp32_softmax_of_short_bf16_rows():
+    """Under bf16 on a CPU, fewer than 32 keys run their softmax in fp32 (minidit.attention): each head keeps the fp32
+    weights and their bf16 copy (6 bytes a weight), and the model then matches what autograd saves within 2 %."""
+    cfg, B = get_config("mnist-p7"), 8
+    T, H = cfg.num_tokens, cfg.num_heads
+    cpu, gpu = dit_activation_bytes(cfg, B, bf16=True), dit_activation_bytes(cfg, B, bf16=True, device="cuda")
+    assert cpu - gpu == cfg.depth * B * H * T * (6 * T - 4)
+    model = DiT(cfg).train()
+    x, t, y = torch.randn(B, 1, 28, 28), torch.rand(B), torch.randint(0, 10, (B,))
+
+    def forward():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x, t, y)
+
+    assert cpu == pytest.approx(saved_tensor_bytes(forward, model.parameters()), rel=0.02)
+
+
 def test_training_peak_model_matches_profiler():
     cfg = get_config("mnist-s4", depth=3)
     model = DiT(cfg).train()
