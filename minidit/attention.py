@@ -87,7 +87,7 @@ def attention(
         scores = scores + bias.to(scores.dtype)
     if m is not None:
         scores = scores.masked_fill(~m, float("-inf"))
-    if not return_weights:  # the unfused training path: softmax in q's dtype (bf16 accumulates in fp32 inside)
+    if not return_weights:  # the unfused training path: softmax in q's dtype, or in fp32 over short rows
         short = k.shape[2] < FP32_SOFTMAX_BELOW_KEYS
         return scores.softmax(dim=-1, dtype=torch.float32 if short else None).to(q.dtype) @ v  # (B, H, Tq, d)
     weights = scores.float().softmax(dim=-1).to(q.dtype)
