@@ -34,10 +34,10 @@ notebooks-test: $(STAMP)
 	$(BIN)/python -m pytest -q $(NBVAL) $(NB_DIRS)
 
 notebooks: $(STAMP)   ## maintainers: re-execute and re-save every notebook (nbclient)
-	$(BIN)/python -m minidit.notebooks run notebooks solutions
+	$(BIN)/minidit notebooks notebooks solutions
 
 exercises: $(STAMP)   ## regenerate exercises/ from solutions/
-	$(BIN)/python -m minidit.grading make-exercises
+	$(BIN)/minidit exercises
 
 lab: $(STAMP)   ## open the course in JupyterLab with this environment as the kernel
 	$(BIN)/jupyter lab notebooks

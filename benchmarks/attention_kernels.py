@@ -1,4 +1,4 @@
-"""Fused SDPA against unfused matmul → softmax → matmul on this CPU, fp32 and bf16: the rule in minidit.attention.
+"""Fused SDPA against unfused matmul → softmax → matmul on this CPU, fp32 and bf16: the rule of the CPU fast path.
 
     python benchmarks/attention_kernels.py --json benchmarks/results/attention_kernels.json   # ≈ 40 s on 2 cores
     python benchmarks/attention_kernels.py --quick                                             # ≈ 5 s
@@ -6,15 +6,16 @@
 What is timed: one forward + backward of self-attention as a DiT block runs it — q, k, v split from one Linear's
 output, 4 heads of width 32, heads merged into the output Linear — with about 1,024 tokens per batch
 (batch = 1024 / T), for T from 16 to 2,048 tokens, in fp32 and under bf16 autocast. Contenders, in alternating
-rounds: `F.scaled_dot_product_attention` (PyTorch's fused CPU kernel), the unfused product (softmax in the input
-dtype), and `minidit.attention.attention`, which picks one of the two (`minidit.attention.runs_unfused`).
+rounds: `F.scaled_dot_product_attention` (PyTorch's fused CPU kernel, what `minidit.attention` trains with), the
+unfused product `minidit.variants.speed.unfused_attention` (softmax in the input dtype, in fp32 for rows shorter than
+`FP32_SOFTMAX_BELOW_KEYS`), and `minidit` — an attention layer on the CPU fast path the recipes train with
+(`variants.speed.use_fast_attention`), which picks one of the two (`variants.speed.runs_unfused`).
 Peak memory from torch.profiler's allocation events.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -22,16 +23,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from minidit.attention import attention, merge_heads, runs_unfused, split_heads
-from minidit.cost import peak_memory_bytes, time_alternating
+from minidit.attention import AttentionModule, merge_heads, split_heads
 from minidit.runinfo import command_line, machine, save_result
+from minidit.variants.speed import (
+    peak_memory_bytes,
+    runs_unfused,
+    time_alternating,
+    unfused_attention,
+    use_fast_attention,
+)
 
 HEADS, HEAD_DIM, TOKENS_PER_BATCH = 4, 32, 1024
-
-
-def unfused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q·kᵀ/√d)·v, three separate ops (autograd keeps the (B, H, T, T) weights)."""
-    return ((q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])).softmax(dim=-1) @ v  # (B, H, T, d)
 
 
 def contenders(tokens: int) -> dict[str, Callable[[], None]]:
@@ -40,6 +42,7 @@ def contenders(tokens: int) -> dict[str, Callable[[], None]]:
     torch.manual_seed(0)
     qkv, proj = torch.nn.Linear(D, 3 * D), torch.nn.Linear(D, D)
     x = torch.randn(batch, tokens, D, requires_grad=True)
+    fast = use_fast_attention(AttentionModule(D, HEADS))  # an attention layer as the recipes train it on a CPU
 
     def run(kernel):
         def step():
@@ -50,7 +53,8 @@ def contenders(tokens: int) -> dict[str, Callable[[], None]]:
             x.grad = None
         return step
 
-    return {"sdpa": run(F.scaled_dot_product_attention), "unfused": run(unfused), "minidit": run(attention)}
+    return {"sdpa": run(F.scaled_dot_product_attention), "unfused": run(unfused_attention),
+            "minidit": run(lambda q, k, v: fast.attend(q, k, v)[0])}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,13 @@
-"""Attention variants (options of minidit.attention.Attention) measured: speed, memory and quality at MNIST scale.
+"""Attention variants (minidit.variants.attention) measured: speed, memory and quality at MNIST scale.
 
     python benchmarks/attention_variants.py --json benchmarks/results/attention_variants.json   # ≈ 15 min, 2 cores
     python benchmarks/attention_variants.py --quick                                              # ≈ 1 min
 
-Variants (DiTConfig.attn): plain multi-head attention with sin-cos positions (DiT, SD3), grouped-query attention
-(one shared key/value head = multi-query), ALiBi on the Euclidean patch distance, 2D RoPE, tiled attention
-(7×7-token tiles) without and with 4 pooled global tokens. ALiBi and RoPE replace the absolute positions.
+Variants (the options of `VariantConfig`, a `VariantDiT` each): plain multi-head attention with sin-cos positions
+(DiT, SD3), grouped-query attention (one shared key/value head = multi-query), ALiBi on the Euclidean patch distance,
+2D RoPE, tiled attention (7×7-token tiles) without and with 4 pooled global tokens. ALiBi and RoPE replace the
+absolute positions. Every model runs on the CPU fast path the recipes train with (`variants.speed.use_fast_attention`;
+ALiBi's biased scores keep their own path).
 
 1. Speed and memory: one forward + backward (fp32, training mode) of the same 4-block, width-128 DiT at 196 tokens
    (28², patch 2) and 1,024 tokens (64², patch 2), timed in alternating rounds; peak memory from torch.profiler's
@@ -23,16 +25,18 @@ import time
 
 import torch
 
-from minidit.cost import dit_flops, peak_memory_bytes, time_alternating
+from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
-from minidit.flow import flow_loss, sample
+from minidit.flow import flow_loss
 from minidit.metrics import evaluate
-from minidit.models import DiT, DiTConfig
 from minidit.runinfo import command_line, machine, save_result
+from minidit.sampling import sample
 from minidit.train import TrainConfig, Trainer
+from minidit.variants.attention import VariantConfig, VariantDiT
+from minidit.variants.speed import peak_memory_bytes, time_alternating, use_fast_attention
 
-VARIANTS: dict[str, dict | None] = {
-    "mha": None,
+VARIANTS: dict[str, dict] = {  # VariantConfig options
+    "mha": {},
     "gqa-1kv": {"n_kv_heads": 1},
     "alibi-2d": {"alibi": "euclidean"},
     "rope-2d": {"rope": True},
@@ -45,7 +49,7 @@ SPEED_MODEL = dict(patch_size=2, dim=128, depth=4, num_heads=4)  # timed at 196 
 QUALITY_MODEL = dict(patch_size=2, dim=64, depth=4, num_heads=4)  # trained on MNIST (196 tokens)
 
 
-def with_window(attn: dict | None, grid: int) -> dict | None:
+def with_window(attn: dict, grid: int) -> dict:
     """The windowed variants use grid/2-wide tiles at 1,024 tokens (16×16 of a 32×32 grid is too big; 8×8)."""
     if attn and attn.get("window") and grid % attn["window"]:
         return {**attn, "window": 8}
@@ -59,8 +63,8 @@ def speed_rows(rounds: int, quick: bool) -> list[dict]:
         fns, cfgs = {}, {}
         for name, attn in VARIANTS.items():
             attn = with_window(attn, side // 2)
-            c = DiTConfig(input_size=side, **SPEED_MODEL, attn=attn)
-            model = DiT(c).train()
+            c = VariantConfig(input_size=side, **SPEED_MODEL, **attn)
+            model = use_fast_attention(VariantDiT(c)).train()
             g = torch.Generator().manual_seed(0)
             x, t = torch.randn(batch, 1, side, side, generator=g), torch.rand(batch, generator=g)
             y = torch.randint(0, 10, (batch,), generator=g)
@@ -69,12 +73,12 @@ def speed_rows(rounds: int, quick: bool) -> list[dict]:
                 model(x, t, y).square().mean().backward()
                 model.zero_grad(set_to_none=True)
 
-            fns[name], cfgs[name] = step, (c, model)
+            fns[name], cfgs[name] = step, (c, model, attn)
         times = time_alternating(fns, rounds=rounds)
         base = statistics.median(times["mha"])
-        for name, (c, model) in cfgs.items():
+        for name, (c, model, attn) in cfgs.items():
             sec = statistics.median(times[name])
-            rows.append({"variant": name, "attn": c.attn, "tokens": c.num_tokens, "batch": batch,
+            rows.append({"variant": name, "attn": attn or None, "tokens": c.num_tokens, "batch": batch,
                          "params": sum(p.numel() for p in model.parameters()),
                          "forward_gflops_per_image": round(dit_flops(c) / 1e9, 4),
                          "seconds_per_step": round(sec, 4), "time_vs_mha": round(sec / base, 3),
@@ -103,16 +107,16 @@ def quality_rows(steps: int, n_samples: int, seed: int) -> list[dict]:
                       bf16=True, seed=seed, log_every=max(1, steps // 10))
     rows = []
     for name, attn in VARIANTS.items():
-        c = DiTConfig(**QUALITY_MODEL, attn=attn)
+        c = VariantConfig(**QUALITY_MODEL, **attn)
         torch.manual_seed(seed)
-        trainer = Trainer(DiT(c), x, y, cfg)
+        trainer = Trainer(use_fast_attention(VariantDiT(c)), x, y, cfg)
         start = time.perf_counter()
         trainer.run(progress=False)
         train_s = time.perf_counter() - start
         ema = trainer.ema.eval()
         imgs = sample(ema, labels, steps=10, cfg_scale=2.0, generator=torch.Generator().manual_seed(seed))
         m = evaluate(imgs.clamp(-1, 1), labels)
-        rows.append({"variant": name, "attn": attn, "steps": steps, "train_seconds": round(train_s, 1),
+        rows.append({"variant": name, "attn": attn or None, "steps": steps, "train_seconds": round(train_s, 1),
                      "final_train_loss": round(trainer.history[-1]["loss"], 4),
                      "heldout_loss": round(heldout_loss(ema, xt, yt), 4), "n_samples": n_samples,
                      "conditional_accuracy": round(m["conditional_accuracy"], 3), "fid": round(m["fid"], 2),

@@ -19,17 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from minidit.attention_maps import attention_statistics, cfg_attention_check, object_attention_ratio
+from minidit.checkpoint import load_model, save_model
 from minidit.faithfulness import evaluation_captions, faithfulness_report
-from minidit.models import load_model
+from minidit.pipeline import train_t2i
 from minidit.runinfo import command_line, machine, save_result
-from minidit.t2i import get_t2i_config, save_shipped, train
+from minidit.t2i import get_t2i_config
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "minidit" / "weights"
 BACKBONES = ("dit", "mmdit")
@@ -39,7 +40,8 @@ def shipped(backbone: str) -> Path:
     return WEIGHTS / f"shapes_{backbone}.safetensors"
 
 
-def train_with_curve(backbone: str, args, seed: int, eval_at: set[int]) -> tuple[torch.nn.Module, dict, dict]:
+def train_with_curve(backbone: str, args, argv: list[str] | None, seed: int, eval_at: set[int]
+                     ) -> tuple[torch.nn.Module, dict, dict]:
     """Train one backbone; score its EMA at each step in eval_at (outside the timed training steps)."""
     caps = evaluation_captions()
     curve: dict[int, dict] = {}
@@ -51,14 +53,17 @@ def train_with_curve(backbone: str, args, seed: int, eval_at: set[int]) -> tuple
                   f"{ {k: v['cfg_1']['all'] for k, v in curve[tr.step].items() if k != 'train_seconds'} } (cfg 1)",
                   flush=True)
 
-    trainer = train(get_t2i_config(f"shapes-{backbone}"), steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                    seed=seed, progress=False, device=args.device, callback=evaluate)
+    trainer = train_t2i(get_t2i_config(f"shapes-{backbone}"), steps=args.steps, batch_size=args.batch_size,
+                        lr=args.lr, seed=seed, progress=False, device=args.device, callback=evaluate)
     info = {"source": "trained here", "device": str(args.device), "steps": trainer.step,
             "batch_size": args.batch_size, "lr": args.lr, "train_seconds": round(trainer.train_seconds, 1),
             "final_loss": trainer.history[-1]["loss"]}
-    if args.out_weights and seed == 0:
-        save_shipped(Path(args.out_weights) / f"shapes_{backbone}.safetensors", trainer, command=sys.argv[0],
-                     config_name=f"shapes-{backbone}", curve=curve)
+    if args.out_weights and seed == 0:  # as `minidit t2i` saves the shipped weights: the EMA in fp16 + its history
+        save_model(Path(args.out_weights) / f"shapes_{backbone}.safetensors", trainer.ema, half=True,
+                   train=asdict(trainer.cfg), step=trainer.step, train_seconds=trainer.train_seconds,
+                   history=trainer.history, num_params=trainer.ema.num_params(),
+                   command=command_line("python benchmarks/caption_faithfulness.py", argv),
+                   config_name=f"shapes-{backbone}", curve=curve)
     return trainer.ema, info, curve
 
 
@@ -112,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.train:
             curves = {}
             for seed in [int(s) for s in args.seeds.split(",")]:
-                m, info_s, curves[seed] = train_with_curve(backbone, args, seed, eval_at)
+                m, info_s, curves[seed] = train_with_curve(backbone, args, argv, seed, eval_at)
                 if seed == int(args.seeds.split(",")[0]):
                     model, info = m, info_s
             info["curves_by_seed"] = curves
         else:
             if not shipped(backbone).is_file():
                 raise SystemExit(f"{shipped(backbone)} is missing: run with --train, or train it with "
-                                 f"python -m minidit.t2i train --config shapes-{backbone} --out {shipped(backbone)}")
+                                 f"minidit t2i --config shapes-{backbone} --out {shipped(backbone)}")
             model = load_model(shipped(backbone))
             meta = json.loads(shipped(backbone).with_suffix(".json").read_text())
             info = {"source": str(shipped(backbone).relative_to(WEIGHTS.parents[1])), "steps": meta["step"],

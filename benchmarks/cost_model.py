@@ -1,4 +1,4 @@
-"""The analytic cost model (minidit.cost) at high resolution, and its check against measured time and memory.
+"""The cost model (FLOPs: minidit.cost; memory: minidit.variants.speed) at high resolution, checked against this CPU.
 
     python benchmarks/cost_model.py --json benchmarks/results/cost_model.json --plot benchmarks/results/cost_model.png
     python benchmarks/cost_model.py --quick
@@ -7,9 +7,10 @@
    8× / 16× latents with patch 1–8: tokens, forward GFLOPs per image (DiT's accounting), attention's share of
    them, and bf16 training activation memory per image (as trained on a GPU, with SDPA).
 2. Check, on this machine: small DiTs that vary tokens (image size × patch, 4,096 tokens per batch), depth and
-   width. For each, one
-   forward + backward in fp32 is timed (alternating rounds) and its peak memory measured with torch.profiler's
-   allocation events (`minidit.cost.peak_memory_bytes`; RSS would report glibc's cached pages, not the peak).
+   width, on the CPU fast path the recipes train with (`variants.speed.use_fast_attention`, which the memory model
+   assumes on a CPU). For each, one forward + backward in fp32 is timed (alternating rounds) and its peak memory
+   measured with torch.profiler's allocation events (`variants.speed.peak_memory_bytes`; RSS would report glibc's
+   cached pages, not the peak).
    Predicted time = model FLOPs ÷ the median achieved FLOP/s of all configs (one calibration constant);
    predicted memory = `dit_training_peak_bytes` (no calibration). Rows give measured ÷ predicted.
 """
@@ -18,20 +19,21 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from dataclasses import replace
 
 import torch
 
-from minidit.cost import (
+from minidit.cost import dit_cost_at, train_flops_per_image
+from minidit.models import DiT, DiTConfig, get_config
+from minidit.runinfo import command_line, machine, save_result
+from minidit.variants.speed import (
     dit_activation_bytes,
-    dit_cost_at,
     dit_training_peak_bytes,
     peak_memory_bytes,
     saved_tensor_bytes,
     time_alternating,
-    train_flops_per_image,
+    use_fast_attention,
 )
-from minidit.models import DiT, DiTConfig, get_config
-from minidit.runinfo import command_line, machine, save_result
 from minidit.viz import save_figure
 
 RESOLUTIONS = [256, 512, 1024, 2048]
@@ -43,7 +45,9 @@ def model_table(name: str = "DiT-XL/2") -> list[dict]:
     rows = []
     for res in RESOLUTIONS:
         for f, p in SPACES:
-            r = dit_cost_at(base, res, latent_factor=f, patch_size=p, bf16=True, device="cuda")  # GPU-scale: SDPA
+            r = dit_cost_at(base, res, latent_factor=f, patch_size=p)
+            at = replace(base, input_size=res // f, patch_size=p)
+            r["activation_mb"] = dit_activation_bytes(at, bf16=True, device="cuda") / 2**20  # GPU-scale: SDPA
             rows.append({"model": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}})
     return rows
 
@@ -70,7 +74,7 @@ def measured_rows(quick: bool, rounds: int) -> list[dict]:
     configs = check_configs(quick)
     fns, inputs, models = {}, {}, {}
     for label, c, batch in configs:
-        model = DiT(c).train()
+        model = use_fast_attention(DiT(c)).train()
         g = torch.Generator().manual_seed(0)
         x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=g)
         t, y = torch.rand(batch, generator=g), torch.randint(0, c.num_classes, (batch,), generator=g)

@@ -29,12 +29,11 @@ from pathlib import Path
 
 import torch
 
-from minidit.checkpoint import load_checkpoint
+from minidit.checkpoint import load_model, read_meta
 from minidit.data import mnist_tensors
 from minidit.ddpm import DDPMSchedule, predict_x0, q_sample
 from minidit.flow import interpolate, sample_t
 from minidit.metrics import accuracy, load_classifier
-from minidit.models import load_model
 from minidit.runinfo import command_line, machine, save_result
 
 SQRT_SNR = [2.0, 1.0, 0.6, 0.4, 0.25]  # √SNR: 2 = mostly signal … 0.25 = mostly noise
@@ -53,7 +52,7 @@ def x0_estimate(model, train: dict, x0: torch.Tensor, noise: torch.Tensor, y: to
     abar = sched.alphas_cumprod[k].item()
     kk = torch.full((n,), k)
     x_k = q_sample(sched, x0, kk, noise)
-    eps = model(x_k, sched.model_time(kk), y)[:, : x0.shape[1]]
+    eps = model(x_k, sched.model_time(kk), y)
     return predict_x0(x_k, eps, abar), abar / (1 - abar)
 
 
@@ -73,7 +72,7 @@ def high_noise_shares(model, train: dict, x0: torch.Tensor, y: torch.Tensor, rep
     else:
         sched = DDPMSchedule(train["ddpm_schedule"])
         k = torch.randint(0, sched.T, (n,), generator=g)
-        eps = model(q_sample(sched, x0, k, noise), sched.model_time(k), y)[:, : x0.shape[1]]
+        eps = model(q_sample(sched, x0, k, noise), sched.model_time(k), y)
         loss = (eps - noise).pow(2).flatten(1).mean(1)  # (n,) ε-loss per draw
         abar = sched.alphas_cumprod[k]
         sqrt_snr = (abar / (1 - abar)).sqrt().float()
@@ -108,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     clf = load_classifier()
     rows, shares = [], []
     for path in paths:
-        model = load_model(path).float()
-        train = load_checkpoint(path)[1]["train"]
+        model = load_model(path)  # fp32, eval mode
+        train = read_meta(path)["train"]
         name = path.stem.removeprefix("nfe_")
         draws, loss_share = high_noise_shares(model, train, x, y)
         shares.append({"model": name, "objective": train["objective"], "draws_sqrt_snr_below_1": round(draws, 3),

@@ -5,11 +5,11 @@
 
 1. `pytest -m cuda tests/test_device.py`: model, training step, sampling, bf16 autocast and torch.compile on the
    GPU against the CPU; DDP over NCCL when the machine has ≥ 2 GPUs (skipped otherwise).
-2. The bf16 matmul peak of this GPU, measured here (`minidit.cost.matmul_peak`, 8192³ products).
-3. DiT-S/2 on 32×32×4 latents (256 tokens, velocity output: rectified flow has no learned σ), bf16 autocast +
-   torch.compile, timed two ways on random latents:
-   - `package`: the package's own `minidit.train.Trainer.train_step` (batch indexing, t/noise sampling, flow loss,
-     backward, grad clipping, AdamW, EMA, the loss read back every step);
+2. The bf16 matmul peak of this GPU, measured here (`minidit.variants.speed.matmul_peak`, 8192³ products).
+3. DiT-S/2 on 32×32×4 latents (256 tokens, velocity output), bf16 autocast + torch.compile, timed two ways on
+   random latents:
+   - `package`: the package's own `minidit.train.Trainer.train_step` (batch indexing, t/noise/label-dropout draws,
+     flow loss, backward, grad clipping, AdamW, EMA, the loss read back every step);
    - `bare`: the same compiled model, loss, AdamW and EMA with the noise drawn on the GPU and no per-step read-back:
      what the model itself can do, so the difference is the training loop's overhead.
    images/s and MFU = images/s × training FLOPs per image (DiT's accounting, `minidit.cost`) ÷ the measured peak;
@@ -36,11 +36,13 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from minidit.cost import matmul_peak, mfu, train_flops_per_image
+from minidit.cost import train_flops_per_image
 from minidit.flow import flow_loss, sample_t
+from minidit.guidance import drop_labels
 from minidit.models import DiT, DiTConfig, get_config
 from minidit.runinfo import command_line, machine, save_result
 from minidit.train import COMPILE_MODES, TrainConfig, Trainer
+from minidit.variants.speed import matmul_peak, mfu, use_fast_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 SDPA = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -101,6 +103,11 @@ def _timed(step, steps: int, warmup: int, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def build(config: DiTConfig, device: torch.device) -> DiT:
+    """The DiT as the recipes build it (`minidit.pipeline.build_model`): on a CPU, the fast attention path."""
+    return use_fast_attention(DiT(config)) if device.type == "cpu" else DiT(config)
+
+
 def random_latents(config: DiTConfig, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, config.in_channels, config.input_size, config.input_size, generator=g)
@@ -114,7 +121,7 @@ def package_step_seconds(config: DiTConfig, batch: int, steps: int, warmup: int,
     cfg = TrainConfig(steps=10**9, batch_size=batch, lr=1e-4, ema_decay=0.9999, bf16=True, compile=compile,
                       compile_mode=compile_mode)
     torch.manual_seed(0)
-    trainer = Trainer(DiT(config), x, y, cfg, device=device)
+    trainer = Trainer(build(config, device), x, y, cfg, device=device)
     return _timed(trainer.train_step, steps, warmup, device)
 
 
@@ -122,7 +129,7 @@ def bare_step_seconds(config: DiTConfig, batch: int, steps: int, warmup: int, de
                       compile: bool, compile_mode: str = "default") -> float:
     """The same model, loss and optimizer with everything on the device and no per-step host synchronisation."""
     torch.manual_seed(0)
-    model = DiT(config).to(device).train()
+    model = build(config, device).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     net = torch.compile(model, mode=compile_mode) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device.type == "cuda")
@@ -132,8 +139,9 @@ def bare_step_seconds(config: DiTConfig, batch: int, steps: int, warmup: int, de
     def step():
         t = sample_t(batch, device=device)
         noise = torch.randn_like(x)
+        y_in = drop_labels(y, torch.rand(batch, device=device) < 0.1, model.null_label)  # CFG's label dropout
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = flow_loss(net, x, y, t, noise)
+            loss = flow_loss(net, x, y_in, t, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -154,7 +162,7 @@ def run_device_tests(quick: bool, timeout: int) -> dict:
         out, code = f"{e.stdout or ''}\n[timed out after {timeout} s]", -1
     tail = out.strip().splitlines()[-1] if out.strip() else ""
     print(out[-3000:], flush=True)
-    return {"command": " ".join(cmd), "returncode": code, "summary": tail,
+    return {"command": " ".join(["python", *cmd[1:]]), "returncode": code, "summary": tail,  # no machine paths
             "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_tests:
         result["device_tests"] = run_device_tests(args.quick, timeout=150 if args.quick else 240)
 
-    config = get_config(args.config, learn_sigma=False)  # rectified flow predicts a velocity only (no learned σ)
+    config = get_config(args.config)
     flops = train_flops_per_image(config)
     peak = matmul_peak(torch.bfloat16, device, seconds=1.0 if args.quick else 2.0)
     result["bf16_matmul_peak_tflops"] = round(peak / 1e12, 1)

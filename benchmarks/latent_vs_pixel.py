@@ -9,10 +9,11 @@ pixel-64 vs latent-64 and pixel-16 vs latent-16 are the equal-token-count pairs 
 16 vs 64 tokens at equal wall-clock shows what fewer tokens buy. Each model samples N class-balanced digits
 (Euler, 20 steps, CFG 2) that are cropped (pixels) or decoded (latents) to 28×28 and scored with the shipped
 classifier: conditional accuracy and feature-FID beside the real-vs-real floor. The VAE's own ceiling
-(reconstructed training digits) is reported too: a latent model cannot beat its decoder.
+(reconstructed training digits) is reported too: a latent model cannot beat its decoder. Every model trains on the
+CPU fast path the recipes use (`variants.speed.use_fast_attention`).
 
-    python benchmarks/latent_vs_pixel.py --quick --json /tmp/latent.json
-    python benchmarks/latent_vs_pixel.py --json benchmarks/results/latent_vs_pixel.json
+    python benchmarks/latent_vs_pixel.py --quick --json /tmp/latent.json                         # ≈ 2 min on 2 cores
+    python benchmarks/latent_vs_pixel.py --json benchmarks/results/latent_vs_pixel_full.json     # ≈ 23 min
 """
 
 from __future__ import annotations
@@ -27,12 +28,14 @@ import torch.nn.functional as F
 
 from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
-from minidit.flow import sample
 from minidit.metrics import evaluate, stratified_real
 from minidit.models import DiT, DiTConfig
+from minidit.pipeline import training_data
 from minidit.runinfo import command_line, machine, save_result
+from minidit.sampling import sample
 from minidit.train import TrainConfig, Trainer
 from minidit.vae import load_vae, reconstruct
+from minidit.variants.speed import use_fast_attention
 
 FULL = dict(model=dict(dim=128, depth=4, num_heads=4), budget=300.0, max_steps=20000, batch_size=64, lr=2e-3,
             warmup_steps=50, ema_decay=0.999, n=1000)
@@ -46,7 +49,7 @@ def run(name: str, space: str, patch: int, data: torch.Tensor, labels: torch.Ten
         seed: int) -> dict:
     C, H = data.shape[1], data.shape[2]
     torch.manual_seed(seed)
-    model = DiT(DiTConfig(input_size=H, in_channels=C, patch_size=patch, **settings["model"]))
+    model = use_fast_attention(DiT(DiTConfig(input_size=H, in_channels=C, patch_size=patch, **settings["model"])))
     cfg = TrainConfig(steps=settings["max_steps"], batch_size=settings["batch_size"], lr=settings["lr"],
                       warmup_steps=settings["warmup_steps"], ema_decay=settings["ema_decay"], seed=seed,
                       time_budget=settings["budget"])
@@ -88,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     vae = load_vae(args.vae)
     x, y = mnist_tensors("train")
     pixels = F.pad(x, (PAD, PAD, PAD, PAD), value=-1.0)  # (N, 1, 32, 32)
-    t0 = time.perf_counter()
-    latents = vae.encode_latents(x)  # (N, c, 8, 8), unit std
-    encode_s = time.perf_counter() - t0
+    latents, encode_s = training_data(x, vae)  # (N, c, 8, 8), unit std
     xr, yr = stratified_real(settings["n"])
     ceiling = evaluate(reconstruct(vae, xr), yr)
     runs = [("pixel-64", "pixel", 4, pixels), ("latent-64", "latent", 1, latents),

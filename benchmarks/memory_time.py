@@ -4,10 +4,12 @@ training step (`minidit.train.Trainer.train_step`: forward, backward, grad clipp
     python benchmarks/memory_time.py --json benchmarks/results/memory_time.json    # ≈ 6 min on 2 cores
     python benchmarks/memory_time.py --quick                                      # no compile, 1 round
 
-For the flagship recipe's model (`RECIPES["flagship"]`, at its batch) and DiT-S/2 on 32×32×4 latents (256 tokens,
-batch 8): the four settings {fp32, bf16} × {checkpointing off, on} are timed in alternating rounds (ratios to fp32
-are what to read on a shared machine) and their peak memory during a step is measured with torch.profiler's allocation
-events (`minidit.cost.peak_memory_bytes`) beside the cost model's prediction (`dit_training_peak_bytes`).
+For the flagship recipe's model (`minidit.pipeline.RECIPES["flagship"]`, at its batch) and DiT-S/2 on 32×32×4
+latents (256 tokens, batch 8), both on the CPU fast path the recipes train with (`pipeline.build_model`,
+`variants.speed.use_fast_attention`): the four settings {fp32, bf16} × {checkpointing off, on} are timed in
+alternating rounds (ratios to fp32 are what to read on a shared machine) and their peak memory during a step is
+measured with torch.profiler's allocation events (`variants.speed.peak_memory_bytes`) beside the memory model's
+prediction (`variants.speed.dit_training_peak_bytes`).
 `torch.compile` (TrainConfig.compile) is timed for the flagship in fp32 and bf16: the first step (compilation)
 and the steady state against eager, alternating.
 """
@@ -21,11 +23,12 @@ from dataclasses import replace
 
 import torch
 
-from minidit.cost import dit_training_peak_bytes, peak_memory_bytes, time_alternating, train_flops_per_image
-from minidit.models import DiT, DiTConfig, get_config
-from minidit.recipes import RECIPES
+from minidit.cost import train_flops_per_image
+from minidit.models import DiTConfig, get_config
+from minidit.pipeline import RECIPES, build_model
 from minidit.runinfo import command_line, machine, save_result
 from minidit.train import Trainer
+from minidit.variants.speed import dit_training_peak_bytes, peak_memory_bytes, time_alternating
 
 SETTINGS = {
     "fp32": dict(bf16=False, grad_checkpointing=False),
@@ -41,7 +44,7 @@ def make_trainer(c: DiTConfig, batch: int, **overrides) -> Trainer:
     y = torch.randint(0, c.num_classes, (4 * batch,), generator=g)
     cfg = replace(RECIPES["flagship"].train, batch_size=batch, steps=10**9, time_budget=None, **overrides)
     torch.manual_seed(0)
-    return Trainer(DiT(c), x, y, cfg)
+    return Trainer(build_model(RECIPES["flagship"], c), x, y, cfg)  # c on the flagship recipe's (CPU fast) path
 
 
 def settings_rows(name: str, c: DiTConfig, batch: int, rounds: int) -> list[dict]:
@@ -70,7 +73,7 @@ def settings_rows(name: str, c: DiTConfig, batch: int, rounds: int) -> list[dict
 def bench_configs(quick: bool) -> list[tuple[str, DiTConfig, int]]:
     """(name, config, batch): the flagship recipe's model at its batch and DiT-S/2 on latents (256 tokens)."""
     return [("flagship", RECIPES["flagship"].model, 32 if quick else RECIPES["flagship"].train.batch_size),
-            ("DiT-S/2", get_config("DiT-S/2", learn_sigma=False), 2 if quick else 8)]
+            ("DiT-S/2", get_config("DiT-S/2"), 2 if quick else 8)]
 
 
 def compile_rows(c: DiTConfig, batch: int, rounds: int) -> list[dict]:

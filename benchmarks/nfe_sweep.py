@@ -7,12 +7,16 @@ Trains three models with identical architecture, steps, batch, lr and seed on th
 then samples N class-balanced digits per (sampler, NFE) from the same initial noise, without guidance
 (cfg_scale = 1, so NFE = network evaluations), and reports conditional accuracy and feature-FID beside the
 real-vs-real floor at the same N:
-  ddpm-ancestral, ddim                     (the ddpm model; NFE = steps)
+  ddpm-ancestral, ddim                     (the ddpm model; NFE = steps; respaced with --spacing, by default
+                                           "trailing" (Lin et al. 2024); "linspace" ends on k = 0, the old way)
   rf-euler, rf-heun                        (the rf-lognorm model; Heun with k steps costs 2k − 1 NFE: odd NFE ≥ 3)
   rf-uniform-euler                         (the rf-uniform model)
+All sampling goes through `minidit.sampling.sample`; the models train on the CPU fast path the recipes use
+(`variants.speed.use_fast_attention`).
 
-    python benchmarks/nfe_sweep.py --quick --json /tmp/nfe.json          # ≤ 5 minutes on 2 cores, N = 100
-    python benchmarks/nfe_sweep.py --json benchmarks/results/nfe_sweep.json --plot benchmarks/results/nfe_sweep.png
+    python benchmarks/nfe_sweep.py --quick --json /tmp/nfe.json          # ≈ 4 minutes on 2 cores, N = 100
+    python benchmarks/nfe_sweep.py --json benchmarks/results/nfe_sweep_full.json \
+        --plot benchmarks/results/nfe_sweep_full.png --save-models DIR  # ≈ 40 minutes
 """
 
 from __future__ import annotations
@@ -26,14 +30,16 @@ from pathlib import Path
 
 import torch
 
+from minidit.checkpoint import save_model
 from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
-from minidit.ddpm import DDPMSchedule, ddpm_sample
-from minidit.flow import sample
+from minidit.ddpm import DDPMSchedule
 from minidit.metrics import evaluate
 from minidit.models import DiT, DiTConfig
 from minidit.runinfo import command_line, machine, save_result
+from minidit.sampling import sample
 from minidit.train import TrainConfig, Trainer
+from minidit.variants.speed import use_fast_attention
 from minidit.viz import save_figure
 
 NFES = [1, 2, 5, 10, 25, 50, 250]
@@ -52,7 +58,7 @@ def train_all(settings: dict, seed: int, progress: bool) -> tuple[dict[str, DiT]
     models, rows = {}, []
     for name, obj in OBJECTIVES.items():
         torch.manual_seed(seed)  # identical initial weights for every objective
-        model = DiT(DiTConfig(**settings["model"]))
+        model = use_fast_attention(DiT(DiTConfig(**settings["model"])))
         cfg = TrainConfig(steps=settings["steps"], batch_size=settings["batch_size"], lr=settings["lr"],
                           warmup_steps=settings["warmup_steps"], ema_decay=settings["ema_decay"], seed=seed, **obj)
         tr = Trainer(model, x, y, cfg).run(progress=progress)
@@ -65,14 +71,15 @@ def train_all(settings: dict, seed: int, progress: bool) -> tuple[dict[str, DiT]
     return models, rows
 
 
-def sampler_runs(models: dict[str, DiT], nfes: list[int]):
+def sampler_runs(models: dict[str, DiT], nfes: list[int], spacing: str = "trailing"):
     """(method, nfe actually used, solver steps, function that samples from (labels, noise))."""
     sched = DDPMSchedule("linear")
     for nfe in nfes:
         for m in ("ancestral", "ddim"):
             yield (f"ddpm-{m}" if m == "ancestral" else "ddim", nfe, nfe,
-                   lambda lab, z, m=m, k=nfe: ddpm_sample(models["ddpm"], sched, lab, steps=k, method=m, noise=z,
-                                                          generator=torch.Generator().manual_seed(1)))
+                   lambda lab, z, m=m, k=nfe: sample(models["ddpm"], lab, steps=k, sampler=m, schedule=sched,
+                                                     spacing=spacing, noise=z,
+                                                     generator=torch.Generator().manual_seed(1)))
         yield ("rf-euler", nfe, nfe, lambda lab, z, k=nfe: sample(models["rf-lognorm"], lab, steps=k, noise=z))
         k = (nfe + 1) // 2  # Heun with k steps costs 2k − 1 NFE (its last step is plain Euler, minidit.flow)
         if k >= 2:  # one Heun step is one Euler step
@@ -112,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, help="samples per (method, NFE), class-balanced (default 500, quick 100)")
     p.add_argument("--steps", type=int, help="training steps per objective")
     p.add_argument("--nfe", default=",".join(map(str, NFES)), help="comma-separated NFE values")
+    p.add_argument("--spacing", choices=("trailing", "linspace"), default="trailing",
+                   help="the DDPM samplers' respaced steps (minidit.ddpm.respaced_steps)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the table here")
@@ -126,19 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     models, train_rows = train_all(settings, args.seed, progress=not args.quick)
     if args.save_models:
-        from minidit.checkpoint import save_checkpoint
-
         for name, m in models.items():
-            save_checkpoint(Path(args.save_models) / f"nfe_{name}.safetensors",
-                            {k: v.half() for k, v in m.state_dict().items()},
-                            {"kind": "model", "model": "DiT", "config": m.config.to_dict(),
-                             "train": next(r["train_config"] for r in train_rows if r["objective"] == name),
-                             "command": command_line("python benchmarks/nfe_sweep.py", argv)})
+            save_model(Path(args.save_models) / f"nfe_{name}.safetensors", m, half=True,
+                       train=next(r["train_config"] for r in train_rows if r["objective"] == name),
+                       command=command_line("python benchmarks/nfe_sweep.py", argv))
     n = settings["n"]
     labels = torch.arange(10).repeat_interleave(n // 10 + 1)[:n]
     noise = torch.randn((n, 1, 28, 28), generator=torch.Generator().manual_seed(args.seed + 1))
     rows = []
-    for method, nfe, steps, fn in sampler_runs(models, nfes):
+    for method, nfe, steps, fn in sampler_runs(models, nfes, args.spacing):
         t0 = time.perf_counter()
         imgs = fn(labels, noise.clone())
         secs = time.perf_counter() - t0
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "nfe_sweep", "quick": args.quick,
         "command": command_line("python benchmarks/nfe_sweep.py", argv),
         "model_config": DiTConfig(**settings["model"]).to_dict(), "settings": settings, "n": n,
+        "ddpm_spacing": args.spacing,
         "note": "same DiT, same steps × batch for every objective; samples without guidance (cfg 1) from the same "
                 "noise; feature-FID vs the 1,000 held-out digits, floor = real training digits at the same N",
         "training": train_rows, "rows": rows,
@@ -163,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     save_result(args.json, out)
     if args.plot:
-        plot(rows, args.plot, f"DDPM vs rectified flow, same DiT and training compute (N = {n}, no CFG)")
+        plot(rows, args.plot, f"DDPM vs rectified flow, same DiT and training compute (N = {n}, no CFG, DDPM "
+                              f"{args.spacing} steps)")
     if not args.json:
         print(json.dumps(rows))
     return 0

@@ -4,14 +4,16 @@
     python benchmarks/throughput.py --quick                                        # ≈ 2 min, smaller batches
 
 What is timed: one forward + backward of a mean-squared loss in training mode (`fwd_bwd`), in fp32 and under
-bf16 autocast, for the flagship recipe's model (`minidit.recipes.RECIPES["flagship"].model`, read at run time;
+bf16 autocast, for the flagship recipe's model (`minidit.pipeline.RECIPES["flagship"].model`, read at run time;
 now `mnist-p7`: MNIST patch 7 → 16 tokens, at the recipe's batch) and the course configs at 49, 196 and 256 tokens:
-`mnist-s4` (patch 4), `mnist-s2` (patch 2) and DiT-S/2 on a 32×32×4 latent (velocity output, no learned σ). Beside
-it, the package's whole training step (`minidit.train.Trainer.train_step`: forward, backward, grad clipping, AdamW,
-EMA) for the flagship, alternated with forward + backward alone so that their ratio is the step's overhead.
+`mnist-s4` (patch 4), `mnist-s2` (patch 2) and DiT-S/2 on a 32×32×4 latent (velocity output). Every minidit model
+runs on the CPU fast path the recipes train with (`pipeline.build_model`: `variants.speed.use_fast_attention`).
+Beside it, the package's whole training step (`minidit.train.Trainer.train_step`: label dropout, forward, backward,
+grad clipping, AdamW, EMA) for the flagship, alternated with forward + backward alone so that their ratio is the
+step's overhead.
 
 FLOPs per image use DiT's accounting (`minidit.cost.train_flops_per_image` = 3 × forward matmul FLOPs);
-MFU = achieved model FLOP/s ÷ the fp32 / bf16 matmul peak (`minidit.cost.matmul_peak`) measured in this process,
+MFU = achieved model FLOP/s ÷ the fp32 / bf16 matmul peak (`variants.speed.matmul_peak`) measured in this process,
 before and after the runs (the larger is used). With more than one thread, the flagship's fp32 forward + backward
 is also timed on 1 thread, alternated, each against the matmul peak of its own thread count: where the MFU is lost.
 
@@ -30,12 +32,13 @@ from dataclasses import replace
 
 import torch
 
-from minidit.cost import matmul_peak, mfu, time_alternating, train_flops_per_image
+from minidit.cost import train_flops_per_image
 from minidit.mmdit import MMDiT, MMDiTConfig
-from minidit.models import DiT, DiTConfig, get_config
-from minidit.recipes import RECIPES
+from minidit.models import DiTConfig, get_config
+from minidit.pipeline import RECIPES, build_model
 from minidit.runinfo import command_line, machine, save_result
 from minidit.train import Trainer
+from minidit.variants.speed import matmul_peak, mfu, time_alternating, use_fast_attention
 
 TEXT_LEN = 16  # text tokens for the MMDiT / SD3 comparison
 TEXT_DIM = 64  # width of the text token states and of the pooled vector
@@ -48,7 +51,7 @@ def course_configs(quick: bool) -> list[tuple[str, DiTConfig, int]]:
         ("flagship", flagship.model, 32 if quick else flagship.train.batch_size),
         ("mnist-s4", get_config("mnist-s4"), 16 if quick else 64),
         ("mnist-s2", get_config("mnist-s2"), 16 if quick else 64),
-        ("DiT-S/2", get_config("DiT-S/2", learn_sigma=False), 2 if quick else 8),
+        ("DiT-S/2", get_config("DiT-S/2"), 2 if quick else 8),
     ]
 
 
@@ -63,7 +66,7 @@ def diffusers_dit(c: DiTConfig):
     from diffusers import DiTTransformer2DModel
 
     return DiTTransformer2DModel(num_attention_heads=c.num_heads, attention_head_dim=c.dim // c.num_heads,
-                                 in_channels=c.in_channels, out_channels=c.out_channels, num_layers=c.depth,
+                                 in_channels=c.in_channels, out_channels=c.in_channels, num_layers=c.depth,
                                  sample_size=c.input_size, patch_size=c.patch_size,
                                  num_embeds_ada_norm=c.num_classes, norm_eps=1e-6)
 
@@ -88,7 +91,8 @@ def fwd_bwd_fns(kind: str, c: DiTConfig, batch: int, peers: bool = True) -> dict
     t = torch.rand(batch, generator=g)
     if kind == "DiT":
         y = torch.randint(0, c.num_classes, (batch,), generator=g)
-        ours, ref = DiT(c).train(), diffusers_dit(c).train() if peers else None
+        ours = build_model(RECIPES["flagship"], c).train()  # any config, on the recipes' CPU fast path
+        ref = diffusers_dit(c).train() if peers else None
 
         def run_ours():
             ours(x, t, y).square().mean().backward()
@@ -100,10 +104,10 @@ def fwd_bwd_fns(kind: str, c: DiTConfig, batch: int, peers: bool = True) -> dict
     else:
         mc = mmdit_twin(c)
         ctx, pooled = torch.randn(batch, TEXT_LEN, TEXT_DIM, generator=g), torch.randn(batch, TEXT_DIM, generator=g)
-        ours, ref = MMDiT(mc).train(), diffusers_sd3(mc).train() if peers else None
+        ours, ref = use_fast_attention(MMDiT(mc)).train(), diffusers_sd3(mc).train() if peers else None
 
         def run_ours():
-            ours(x, t, ctx, pooled).square().mean().backward()
+            ours(x, t, pooled, ctx).square().mean().backward()
             ours.zero_grad(set_to_none=True)
 
         def run_ref():
@@ -113,7 +117,7 @@ def fwd_bwd_fns(kind: str, c: DiTConfig, batch: int, peers: bool = True) -> dict
 
 
 def alternate(fns: dict[str, Callable[[], None]], rounds: int, calls: int, bf16: bool) -> dict[str, list[float]]:
-    """Seconds per call of each function in alternating rounds (minidit.cost.time_alternating), under autocast."""
+    """Seconds per call of each function in alternating rounds (variants.speed.time_alternating), under autocast."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         return time_alternating(fns, rounds, calls)
 
@@ -125,7 +129,8 @@ def train_step_fn(c: DiTConfig, batch: int, bf16: bool) -> Callable[[], None]:
     labels = torch.randint(0, c.num_classes, (2 * batch,), generator=g)
     cfg = RECIPES["flagship"].train
 
-    trainer = Trainer(DiT(c), images, labels, replace(cfg, batch_size=batch, bf16=bf16, steps=10**9))
+    trainer = Trainer(build_model(RECIPES["flagship"], c), images, labels,
+                      replace(cfg, batch_size=batch, bf16=bf16, steps=10**9))
     return trainer.train_step
 
 

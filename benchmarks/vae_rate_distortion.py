@@ -4,7 +4,7 @@ For each (f, c): values kept per digit (c·(32/f)², vs 784 pixels), the KL rate
 PSNR, the shipped classifier's accuracy on held-out reconstructions (vs on the originals), and the feature-FID of
 reconstructed training digits against the held-out digits beside the real-vs-real floor — the "quality ceiling"
 of a latent diffusion model that would reproduce the training latents exactly.
-All VAEs use the same training settings (`python -m minidit.vae train` defaults).
+All VAEs use the same training settings (`minidit.pipeline.train_vae`, as `minidit vae train` trains them).
 
     python benchmarks/vae_rate_distortion.py --quick --json /tmp/rd.json
     python benchmarks/vae_rate_distortion.py --json benchmarks/results/vae_rate_distortion.json \
@@ -24,8 +24,9 @@ import torch
 from minidit.checkpoint import read_meta
 from minidit.data import mnist_tensors
 from minidit.metrics import evaluate, stratified_real
+from minidit.pipeline import train_vae
 from minidit.runinfo import command_line, machine, save_result
-from minidit.vae import VAEConfig, evaluate_vae, load_vae, reconstruct, save_vae, train_vae
+from minidit.vae import VAEConfig, evaluate_vae, load_vae, reconstruct, save_vae
 from minidit.viz import save_figure
 
 FULL = dict(configs=[(2, 1), (2, 4), (4, 2), (4, 4), (8, 4), (8, 16)], steps=2000, batch_size=64, lr=2e-3)

@@ -1,6 +1,6 @@
 """Attention maps of text-to-image models: record image→word attention, and measure what it shows.
 
-Recording goes through `minidit.viz.AttentionRecorder` (the explicit softmax path only while recording; training
+Recording goes through `minidit.attention.AttentionRecorder` (the explicit softmax path only while recording; training
 stays on SDPA). Measured: a word's attention on the object it names (vs background and vs the other object), map
 entropy and self-attention distance by layer and by sampling step, and whether CFG changes attention weights.
 """
@@ -13,10 +13,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minidit.data import CaptionedShapes, ShapeSpec
+from minidit.attention import AttentionRecorder
+from minidit.data import CaptionedShapes, ShapeSpec, objects_of
 from minidit.faithfulness import MIN_PIXELS, PALETTE, classify_pixels, faithfulness, object_window
-from minidit.flow import interpolate
-from minidit.t2i import TextToImage, objects_of
+from minidit.flow import euler_sample, interpolate
+from minidit.guidance import guided
+from minidit.t2i import TextToImage
 
 
 def text_attention_modules(model: TextToImage) -> tuple[str, ...]:
@@ -40,8 +42,6 @@ def image_to_text(weights: torch.Tensor, backbone: str, num_text: int, renormali
 
 def record_text_maps(model: TextToImage, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """One forward at (x_t, t) with an attention recorder: image→text maps (depth, B, H, T_img, L)."""
-    from minidit.viz import AttentionRecorder
-
     model.eval()
     with torch.no_grad(), AttentionRecorder(model, include=text_attention_modules(model)) as rec:
         model(x_t, t, y)
@@ -96,7 +96,7 @@ def object_attention_ratio(
     p = model.config.patch_size
     ds = CaptionedShapes(n=n, seed=seed, size=model.config.input_size)
     items = [ds[i] for i in range(n)]
-    device = model.caption_tokens.device
+    device = next(model.parameters()).device
     x0 = torch.stack([it["image"] for it in items])
     y = model.caption_ids([it["caption"] for it in items])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -145,9 +145,6 @@ def sample_with_attention(
     "text" (steps, depth, B, heads, T_img, L): image→text maps, "self" (steps, depth, B, heads, T_img, T_img):
     image→image weights (DiT self-attention; MMDiT: the image block of the joint matrix)}.
     """
-    from minidit.flow import euler_sample, guided
-    from minidit.viz import AttentionRecorder
-
     model.eval()
     cfg, B = model.config, len(captions)
     y = model.caption_ids(captions)
@@ -259,9 +256,6 @@ def cfg_attention_check(
     (x_t, t, caption) whatever s is. Returns the largest attention-weight difference to s = 1 (expected: float
     round-off) and the largest velocity difference (expected: large), per scale.
     """
-    from minidit.flow import guided
-    from minidit.viz import AttentionRecorder
-
     model.eval()
     cfg, B = model.config, len(captions)
     y = model.caption_ids(captions)

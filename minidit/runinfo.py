@@ -14,32 +14,19 @@ from minidit.checkpoint import write_json
 
 def command_line(program: str, argv: list[str] | None = None) -> str:
     """The shell command `<program> <arguments>`, quoted where an argument needs it (program: e.g. "minidit",
-    "python -m minidit.vae", "python benchmarks/throughput.py"); the arguments given as argv, or this process's
-    own when argv is None."""
-    if not isinstance(program, str) or not program.strip():
-        raise ValueError(f"program must be a non-empty command string, got {program!r}")
+    "python benchmarks/throughput.py"); the arguments given as argv, or this process's own when argv is None."""
     return shlex.join([*shlex.split(program), *(sys.argv[1:] if argv is None else argv)])
 
 
 def machine(device: torch.device | str | None = None) -> dict:
     """Platform, CPU, Python and torch versions, intra-op threads, the device (if given) and the load average now."""
-    info = {
-        "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-    if device is not None:
-        info["device"] = str(device)
-    return info
+    return {"platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            **({"device": str(device)} if device is not None else {})}
 
 
 def save_result(path: str | os.PathLike | None, result: dict) -> None:
     """Write `result` as JSON to `path` (atomically, minidit.checkpoint.write_json) and say so; nothing if None."""
-    if path is None:
-        return
-    if not isinstance(result, dict):
-        raise ValueError(f"result must be a dict, got {type(result).__name__}")
-    print(f"wrote {write_json(path, result)}", file=sys.stderr)
+    if path is not None:
+        print(f"wrote {write_json(path, result)}", file=sys.stderr)

@@ -6,23 +6,18 @@ import torch
 from torch import nn
 
 
-def _check_image(x: torch.Tensor, p: int) -> None:
+def check_image(x: torch.Tensor, p: int) -> None:
+    """ValueError unless x is an image batch (B, C, H, W) whose sides the patch size p divides."""
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
-        raise ValueError(f"expected an image batch (B, C, H, W), got {_describe(x)}")
-    if not isinstance(p, int) or p < 1:
-        raise ValueError(f"patch size must be a positive int, got {p!r}")
-    H, W = x.shape[-2:]
-    if H % p or W % p:
-        raise ValueError(f"image size {H}×{W} is not divisible by patch size {p}")
-
-
-def _describe(x) -> str:
-    return f"tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"expected an image batch (B, C, H, W), got {got}")
+    if not isinstance(p, int) or p < 1 or x.shape[-2] % p or x.shape[-1] % p:
+        raise ValueError(f"image size {x.shape[-2]}×{x.shape[-1]} is not divisible by patch size {p!r}")
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) → (B, T, p·p·C) with T = (H/p)·(W/p), patches in row-major order, features (p, q, c)."""
-    _check_image(x, p)
+    check_image(x, p)
     B, C, H, W = x.shape
     h, w = H // p, W // p
     x = x.reshape(B, C, h, p, w, p)  # (B, C, h, p, w, q)
@@ -32,17 +27,11 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
 
 def unpatchify(tokens: torch.Tensor, p: int, channels: int, h: int | None = None, w: int | None = None) -> torch.Tensor:
     """(B, T, p·p·C) → (B, C, h·p, w·p); the inverse of `patchify`. h, w default to a square grid."""
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3:
-        raise ValueError(f"expected tokens (B, T, p·p·C), got {_describe(tokens)}")
     B, T, F = tokens.shape
-    if F != p * p * channels:
-        raise ValueError(f"token width {F} != p·p·C = {p}·{p}·{channels}")
     if h is None and w is None:
-        h = w = int(round(T**0.5))
-    elif h is None or w is None:
-        raise ValueError("give both h and w, or neither (square grid)")
-    if h * w != T:
-        raise ValueError(f"{T} tokens do not form a {h}×{w} grid")
+        h = w = round(T**0.5)
+    if F != p * p * channels or h * w != T:
+        raise ValueError(f"tokens {tuple(tokens.shape)} do not form a {h}×{w} grid of {p}×{p}×{channels} patches")
     x = tokens.reshape(B, h, w, p, p, channels)  # (B, h, w, p, q, C)
     x = x.permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, q)
     return x.reshape(B, channels, h * p, w * p)  # (B, C, H, W)
@@ -63,34 +52,18 @@ class PatchEmbed(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_image(x, self.patch_size)
-        if x.shape[1] != self.proj.in_channels:
-            raise ValueError(f"expected {self.proj.in_channels} input channels, got {x.shape[1]}")
         x = self.proj(x)  # (B, D, h, w)
-        return x.flatten(2).transpose(1, 2)  # (B, T, D)
+        # contiguous: the transposed view would make every LayerNorm of the residual stream copy its input
+        return x.flatten(2).transpose(1, 2).contiguous()  # (B, T, D)
 
     def as_linear_weight(self) -> torch.Tensor:
         """The conv kernel as the (D, p·p·C) matrix that acts on `patchify` features."""
         return self.proj.weight.permute(0, 2, 3, 1).reshape(self.proj.out_channels, -1)  # (D, p, q, C) → (D, F)
 
 
-def add_positions(tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """tokens (B, T, D) + positions (T, D), in the tokens' dtype, contiguous: the start of the residual stream.
-
-    Under bf16 autocast the patch conv returns bf16 while the sin-cos table is fp32; a plain sum would promote
-    the whole residual stream (every LayerNorm, modulation and gated add after it) to fp32, doubling its memory
-    traffic. diffusers keeps the conv's dtype too. Contiguous: the conv's output is a transposed view, and a
-    strided residual stream would make every LayerNorm copy its input (forward and backward).
-    """
-    return (tokens + pos).to(tokens.dtype).contiguous()  # (B, T, D)
-
-
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """(M,) positions → (M, dim): [sin(pos·ω_k), cos(pos·ω_k)] with ω_k = 10000^(−k/(dim/2))."""
-    if dim % 2:
-        raise ValueError(f"dim must be even, got {dim}")
-    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2)
-    omega = 1.0 / 10000**omega  # (dim/2,)
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (dim/2,)
     out = positions.double().reshape(-1, 1) * omega  # (M, dim/2)
     return torch.cat([out.sin(), out.cos()], dim=1)
 
@@ -102,12 +75,10 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int | None = None, base_size: int |
     does for SD3's large table (base_size = sample_size / patch_size); None means plain integer positions.
     """
     grid_w = grid_h if grid_w is None else grid_w
-    if dim % 4:
-        raise ValueError(f"dim must be divisible by 4 for 2D sin-cos positions, got {dim}")
-    if grid_h < 1 or grid_w < 1:
-        raise ValueError(f"grid must be at least 1×1, got {grid_h}×{grid_w}")
-    ys = torch.arange(grid_h, dtype=torch.float32)
-    xs = torch.arange(grid_w, dtype=torch.float32)
+    if dim % 4 or grid_h < 1 or grid_w < 1:
+        raise ValueError(f"2D sin-cos positions need dim % 4 == 0 and a grid of at least 1×1, got {dim}, "
+                         f"{grid_h}×{grid_w}")
+    ys, xs = torch.arange(grid_h, dtype=torch.float32), torch.arange(grid_w, dtype=torch.float32)
     if base_size is not None:
         ys, xs = ys / (grid_h / base_size), xs / (grid_w / base_size)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (h, w) each
@@ -120,8 +91,6 @@ def crop_pos_embed(table: torch.Tensor, max_size: int, h: int, w: int) -> torch.
     """Centre h×w crop of a (max_size², D) table (SD3): one table serves every resolution up to max_size."""
     if h > max_size or w > max_size:
         raise ValueError(f"a {h}×{w} token grid does not fit the {max_size}×{max_size} position table")
-    if table.shape[0] != max_size * max_size:
-        raise ValueError(f"table has {table.shape[0]} rows, expected {max_size}² = {max_size * max_size}")
     top, left = (max_size - h) // 2, (max_size - w) // 2
     grid = table.reshape(max_size, max_size, -1)  # (S, S, D)
     return grid[top : top + h, left : left + w].reshape(h * w, -1)  # (h·w, D)

@@ -10,21 +10,17 @@ MNIST digits are 28×28, which f = 8 does not divide: the VAE pads them with `pa
 So f = 2, 4, 8 give 16×16, 8×8, 4×4 latent grids for a 28×28 digit.
 
 Latents for a diffusion model are z = scale · mean(x), with scale = 1 / std of those latents over the training
-set (DESIGN §1), computed once after training and stored in the checkpoint — the role 0.18215 plays for Stable
+set, computed once after training and stored in the checkpoint — the role 0.18215 plays for Stable
 Diffusion's VAE. We encode the posterior *mean* (not a sample): with the small KL weights used here the posterior
 standard deviation is small next to the spread of the means (`info['posterior_std']` records it).
 
 Train and ship (the shipped weights' JSON records the exact command and the measured held-out PSNR):
-    python -m minidit.vae train --factor 4 --latent-channels 4 --out minidit/weights/vae_mnist_f4c4.safetensors
+    minidit vae train --factor 4 --latent-channels 4 --out minidit/weights/vae_mnist_f4c4.safetensors
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.resources
 import math
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minidit.checkpoint import config_from_dict, load_checkpoint, load_state, save_checkpoint
-from minidit.runinfo import command_line
+from minidit.checkpoint import build_config, load_checkpoint, load_state, save_checkpoint, weights_path
+from minidit.metrics import accuracy, load_classifier
+from minidit.models import describe
 
 
 @dataclass(frozen=True)
@@ -95,28 +92,16 @@ class VAEConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
-        return config_from_dict(cls, d)
-
 
 # ---- the three ingredients: reparameterisation, KL, scale ----------------------------------------------------
 def reparameterize(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
     """z = μ + σ·ε with σ = exp(½·log σ²) and ε ~ N(0, I): a sample whose gradient flows into μ and log σ²."""
-    if mean.shape != logvar.shape:
-        raise ValueError(f"mean and logvar must have the same shape, got {tuple(mean.shape)} and {tuple(logvar.shape)}")
-    if noise is None:
-        noise = torch.randn_like(mean)
-    if noise.shape != mean.shape:
-        raise ValueError(f"noise must have shape {tuple(mean.shape)}, got {tuple(noise.shape)}")
+    noise = torch.randn_like(mean) if noise is None else noise
     return mean + torch.exp(0.5 * logvar) * noise
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(μ, σ²) ‖ N(0, 1)) = ½ Σ (μ² + σ² − 1 − log σ²), summed over all but the batch dim → (B,) in nats."""
-    if mean.shape != logvar.shape or mean.ndim < 2:
-        raise ValueError(f"need mean and logvar of the same shape (B, ...), got {tuple(mean.shape)}, "
-                         f"{tuple(logvar.shape)}")
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)
     return kl.flatten(1).sum(1)  # (B,)
 
@@ -159,22 +144,14 @@ class VAE(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def _check_images(self, x: torch.Tensor) -> None:
-        c = self.config
-        want = (c.in_channels, c.image_size, c.image_size)
+    @staticmethod
+    def check(x: torch.Tensor, want: tuple[int, ...], what: str) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"the VAE takes images (B, {want[0]}, {want[1]}, {want[2]}) in [-1, 1], got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-
-    def _check_latents(self, z: torch.Tensor) -> None:
-        want = self.config.latent_shape
-        if not isinstance(z, torch.Tensor) or z.ndim != 4 or tuple(z.shape[1:]) != want:
-            raise ValueError(f"latents must be (B, {want[0]}, {want[1]}, {want[2]}), got "
-                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+            raise ValueError(f"the VAE's {what} are (B, {', '.join(map(str, want))}), got {describe(x)}")
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, C, S, S) → posterior mean and log-variance, each (B, c, S'/f, S'/f) with S' = S + 2·pad."""
-        self._check_images(x)
+        self.check(x, (self.config.in_channels, self.config.image_size, self.config.image_size), "images")
         p = self.config.pad
         x = F.pad(x, (p, p, p, p), value=self.config.pad_value)  # (B, C, S', S')
         mean, logvar = self.encoder(x).chunk(2, dim=1)  # each (B, c, S'/f, S'/f)
@@ -182,7 +159,7 @@ class VAE(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, c, S'/f, S'/f) → images (B, C, S, S) (the padding border cropped off, not clamped)."""
-        self._check_latents(z)
+        self.check(z, self.config.latent_shape, "latents")
         x = self.decoder(z)  # (B, C, S', S')
         p = self.config.pad
         return x[..., p : x.shape[-2] - p, p : x.shape[-1] - p] if p else x  # (B, C, S, S)
@@ -213,12 +190,15 @@ class VAE(nn.Module):
                           for i in range(0, z.shape[0], batch_size)])
 
 
-def vae_loss(vae: VAE, x: torch.Tensor, noise: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """{'loss', 'mse', 'kl'}: loss = (Σ (x − x̂)² + kl_weight · KL) / pixels, batch-averaged; kl in nats per image."""
+def vae_loss(vae: VAE, x: torch.Tensor, noise: torch.Tensor | None = None, kl_weight: float | None = None
+             ) -> dict[str, torch.Tensor]:
+    """{'loss', 'mse', 'kl'}: loss = (Σ (x − x̂)² + kl_weight · KL) / pixels, batch-averaged; kl in nats per image.
+
+    kl_weight defaults to the VAE's own (pass it when `vae` is wrapped, e.g. by DDP)."""
     recon, mean, logvar = vae(x, noise)
     mse = F.mse_loss(recon, x)  # mean over pixels and batch
     kl = kl_divergence(mean, logvar).mean()
-    loss = mse + vae.config.kl_weight * kl / x[0].numel()
+    loss = mse + (vae.config.kl_weight if kl_weight is None else kl_weight) * kl / x[0].numel()
     return {"loss": loss, "mse": mse, "kl": kl}
 
 
@@ -270,81 +250,10 @@ def evaluate_vae(vae: VAE, images: torch.Tensor, labels: torch.Tensor | None = N
         "n": int(images.shape[0]),
     }
     if labels is not None and (c.in_channels, c.image_size) == (1, 28):
-        from minidit.metrics import accuracy, load_classifier
-
         clf = load_classifier()
         out["classifier_accuracy_reconstructed"] = accuracy(clf, rec, labels)
         out["classifier_accuracy_original"] = accuracy(clf, images, labels)
     return out
-
-
-# ---- training ---------------------------------------------------------------------------------------------
-def vae_dataset(name: str = "mnist", split: str = "train") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images, labels or None): 'mnist' = the bundled digits (1×28×28); 'shapes' = captioned shapes (3×32×32)."""
-    if name == "mnist":
-        from minidit.data import mnist_tensors
-
-        return mnist_tensors(split)
-    if name == "shapes":
-        from minidit.data import CaptionedShapes
-
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        ds = CaptionedShapes(n=4000 if split == "train" else 500, seed=0 if split == "train" else 1)
-        return torch.stack([ds[i]["image"] for i in range(len(ds))]), None
-    raise ValueError(f"VAE dataset must be 'mnist' or 'shapes', got {name!r}")
-
-
-def train_vae(
-    config: VAEConfig,
-    images: torch.Tensor,
-    steps: int = 3000,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    seed: int = 0,
-    progress: bool = True,
-) -> tuple[VAE, dict]:
-    """Train a VAE with AdamW (cosine decay to 5% of lr) on `images`, then set its scale; returns (vae, info)."""
-    from tqdm.auto import tqdm
-
-    if images.ndim != 4 or tuple(images.shape[1:]) != (config.in_channels, config.image_size, config.image_size):
-        raise ValueError(f"images must be (N, {config.in_channels}, {config.image_size}, {config.image_size}), "
-                         f"got {tuple(images.shape)}")
-    if steps < 1 or not 1 <= batch_size <= images.shape[0]:
-        raise ValueError(f"need steps ≥ 1 and 1 ≤ batch_size ≤ {images.shape[0]}, got {steps}, {batch_size}")
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    vae = VAE(config).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)  # linear warm-up over 5% of the steps, then cosine decay to 5% of lr
-
-    def lr_factor(s: int) -> float:
-        return (s + 1) / warm if s < warm else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (s - warm) / (steps - warm)))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    t0 = time.perf_counter()
-    perm, pos = torch.randperm(images.shape[0], generator=g), 0
-    for _ in tqdm(range(steps), desc="vae", disable=not progress, file=sys.stderr):
-        if pos + batch_size > images.shape[0]:
-            perm, pos = torch.randperm(images.shape[0], generator=g), 0
-        x = images[perm[pos : pos + batch_size]]
-        pos += batch_size
-        losses = vae_loss(vae, x, torch.randn((x.shape[0], *config.latent_shape), generator=g))
-        opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        sched.step()
-    seconds = time.perf_counter() - t0
-    vae.eval()
-    scale = compute_scale(vae, images)
-    with torch.no_grad():
-        logvar = torch.cat([vae.encode(images[i : i + 500])[1] for i in range(0, images.shape[0], 500)])
-    info = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "train_seconds": round(seconds, 1),
-            "train_images": int(images.shape[0]), "scale": scale,
-            "posterior_std": float(logvar.mul(0.5).exp().mean()) * scale,  # in scaled-latent units
-            "final_mse": losses["mse"].item(), "final_kl_nats": losses["kl"].item()}
-    return vae, info
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -355,97 +264,10 @@ def save_vae(path: str | Path, vae: VAE, info: dict | None = None, half: bool = 
                                          "scale": float(vae.scale), **(info or {})})
 
 
-def weights_path(name: str) -> Path:
-    """Path of a VAE shipped with the package, e.g. weights_path('vae_mnist_f4c4')."""
-    return Path(str(importlib.resources.files("minidit") / "weights" / f"{name}.safetensors"))
-
-
 def load_vae(path: str | Path, device: torch.device | str = "cpu") -> VAE:
     """A VAE from a checkpoint (a path, or the name of a shipped one such as 'vae_mnist_f4c4'), fp32, eval mode."""
-    p = Path(path)
-    if not p.suffix and not p.exists():
-        p = weights_path(str(path))
+    p = Path(path) if Path(path).suffix or Path(path).exists() else weights_path(str(path))
     tensors, meta = load_checkpoint(p, kind="vae")
-    vae = VAE(VAEConfig.from_dict(meta["config"]))
-    load_state(vae, {k: v.float() for k, v in tensors.items()}, what=f"VAE ({p})")
+    vae = VAE(build_config(VAEConfig, meta["config"]))
+    load_state(vae, tensors, what=f"VAE ({p})")
     return vae.to(device).eval().requires_grad_(False)
-
-
-# ---- latent diffusion helpers ---------------------------------------------------------------------------------
-def latent_dit_config(vae_config: VAEConfig, patch_size: int = 1, **overrides):
-    """A DiTConfig whose input is this VAE's latent grid (input_size = S'/f, in_channels = latent channels)."""
-    from minidit.models import DiTConfig
-
-    return DiTConfig(input_size=vae_config.latent_size, in_channels=vae_config.latent_channels,
-                     patch_size=patch_size, **overrides)
-
-
-@torch.no_grad()
-def sample_images(model: nn.Module, vae: VAE, labels: torch.Tensor, objective: str = "flow", **kwargs) -> torch.Tensor:
-    """Sample scaled latents with a latent DiT (rectified flow via minidit.flow.sample, or 'ddpm' via
-    minidit.ddpm.ddpm_sample with a `schedule` kwarg), then decode to images clamped to [−1, 1]."""
-    if (model.config.in_channels, model.config.input_size) != vae.config.latent_shape[:2]:
-        raise ValueError(f"model input (C, H) = ({model.config.in_channels}, {model.config.input_size}) does not match "
-                         f"the VAE's latent grid {vae.config.latent_shape}")
-    if objective == "flow":
-        from minidit.flow import sample
-
-        z = sample(model, labels, **kwargs)
-    elif objective == "ddpm":
-        from minidit.ddpm import ddpm_sample
-
-        if "schedule" not in kwargs:
-            raise ValueError("objective='ddpm' needs schedule=DDPMSchedule(...)")
-        z = ddpm_sample(model, kwargs.pop("schedule"), labels, clip_x0=False, **kwargs)  # latents are not in [−1, 1]
-    else:
-        raise ValueError(f"objective must be 'flow' or 'ddpm', got {objective!r}")
-    return vae.decode_latents(z.to(vae.scale.device))
-
-
-# ---- command line -----------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minidit.vae", description="train / evaluate the course's VAEs")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a VAE on the bundled MNIST digits (or captioned shapes) and save it")
-    t.add_argument("--dataset", default="mnist", choices=["mnist", "shapes"])
-    t.add_argument("--factor", type=int, default=4, choices=[2, 4, 8])
-    t.add_argument("--latent-channels", type=int, default=4)
-    t.add_argument("--base-channels", type=int, default=16)
-    t.add_argument("--max-channels", type=int, default=64)
-    t.add_argument("--kl-weight", type=float, default=1e-3)
-    t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=2)
-    t.add_argument("--out", required=True, help="FILE.safetensors (fp16 weights + scale; FILE.json beside it)")
-    e = sub.add_parser("evaluate", help="held-out PSNR / MSE / KL rate / classifier accuracy of a VAE checkpoint")
-    e.add_argument("checkpoint", help="path or shipped name, e.g. vae_mnist_f4c4")
-    e.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    if args.command == "evaluate":
-        vae = load_vae(args.checkpoint)
-        x, y = vae_dataset("mnist" if vae.config.in_channels == 1 else "shapes", "test")
-        m = evaluate_vae(vae, x, y)
-        print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
-        return 0
-    size, pad = (28, 2) if args.dataset == "mnist" else (32, 0)
-    cfg = VAEConfig(in_channels=1 if args.dataset == "mnist" else 3, image_size=size, pad=pad, factor=args.factor,
-                    latent_channels=args.latent_channels, base_channels=args.base_channels,
-                    max_channels=args.max_channels, kl_weight=args.kl_weight)
-    x, _ = vae_dataset(args.dataset, "train")
-    vae, info = train_vae(cfg, x, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    xt, yt = vae_dataset(args.dataset, "test")
-    held = evaluate_vae(vae, xt, yt)
-    info.update({"dataset": args.dataset, "held_out": {k: round(v, 4) if isinstance(v, float) else v
-                                                      for k, v in held.items()},
-                 "command": command_line("python -m minidit.vae", argv)})
-    save_vae(args.out, vae, info)
-    print(f"{vae.num_params():,} parameters, {info['train_seconds']:.0f} s; held-out PSNR {held['psnr']:.2f} dB, "
-          f"KL {held['kl_bits']:.0f} bits/image, scale {info['scale']:.4f} → {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,17 +1,17 @@
-"""Figures: sample grids, loss curves, and recording attention maps from a model."""
+"""Figures: sample grids, loss curves, attention maps drawn over images."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import torch
-from torch import nn
+from PIL import Image
+from torchvision.utils import make_grid
 
 
 def image_grid(images: torch.Tensor, nrow: int = 10, padding: int = 2) -> torch.Tensor:
     """Images (N, C, H, W) in [−1, 1] → one uint8 grid (H', W', C) via torchvision's make_grid."""
-    from torchvision.utils import make_grid
-
     if images.ndim != 4:
         raise ValueError(f"expected images (N, C, H, W), got shape {tuple(images.shape)}")
     grid = make_grid(images.detach().float().cpu().clamp(-1, 1), nrow=nrow, padding=padding, normalize=True,
@@ -21,8 +21,6 @@ def image_grid(images: torch.Tensor, nrow: int = 10, padding: int = 2) -> torch.
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int = 2) -> Path:
     """Write a PNG grid of images in [−1, 1] (each pixel repeated `scale` times for visibility)."""
-    from PIL import Image
-
     grid = image_grid(images, nrow).numpy()
     img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
     if scale > 1:
@@ -35,8 +33,6 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10, scale: int
 
 def show_grid(images: torch.Tensor, nrow: int = 10, title: str | None = None, ax=None):
     """Draw an image grid with matplotlib (for notebooks); returns the axes."""
-    import matplotlib.pyplot as plt
-
     grid = image_grid(images, nrow).numpy()
     if ax is None:
         _, ax = plt.subplots(figsize=(min(12, nrow * 0.8), 0.8 * -(-images.shape[0] // nrow) + 0.4))
@@ -49,8 +45,6 @@ def show_grid(images: torch.Tensor, nrow: int = 10, title: str | None = None, ax
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
     """Write a matplotlib figure to `path` (folders created) and close it, freeing its memory."""
-    import matplotlib.pyplot as plt
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -60,12 +54,6 @@ def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:
 
 def plot_loss(history: list[dict], path: str | Path | None = None, title: str = "training loss", smooth: int = 10):
     """Loss curve (raw and moving average) against step; saved to `path` if given. Returns the figure."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     if not history:
         raise ValueError("empty training history: nothing to plot")
     steps = [h["step"] for h in history]
@@ -85,40 +73,6 @@ def plot_loss(history: list[dict], path: str | Path | None = None, title: str = 
     return fig
 
 
-class AttentionRecorder:
-    """Context manager that collects attention weights from every attention module of a model.
-
-    While attached, those modules take the explicit softmax path (training never does). Each call appends
-    (module name, weights (B, heads, T_query, T_key)) to `records`, in call order; a sampler calls each
-    layer once per step, so records of step s are records[s·L : (s+1)·L] for a model with L recorded layers.
-    """
-
-    def __init__(self, model: nn.Module, include: tuple[str, ...] | None = None):
-        from minidit.attention import _Recordable
-
-        self.modules = {m: name for name, m in model.named_modules() if isinstance(m, _Recordable)
-                        and (include is None or any(s in name for s in include))}
-        if not self.modules:
-            raise ValueError("the model has no attention modules to record (or none matches `include`)")
-        self.records: list[tuple[str, torch.Tensor]] = []
-
-    def add(self, module: nn.Module, weights: torch.Tensor) -> None:
-        self.records.append((self.modules[module], weights.detach().float().cpu()))
-
-    def __enter__(self) -> AttentionRecorder:
-        for m in self.modules:
-            m.recorder = self
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m in self.modules:
-            m.recorder = None
-
-    def by_name(self, name: str) -> list[torch.Tensor]:
-        """All recorded weights of one module, in call order."""
-        return [w for n, w in self.records if n == name]
-
-
 # ---- attention maps over images (text-to-image) ----------------------------------------------------------------
 def upsample_map(word_map: torch.Tensor, size: int) -> torch.Tensor:
     """A token map (T,) or (h, w) over a square patch grid → (size, size), each patch's value spread over its pixels."""
@@ -136,8 +90,6 @@ def upsample_map(word_map: torch.Tensor, size: int) -> torch.Tensor:
 def overlay_attention(image: torch.Tensor, word_map: torch.Tensor, ax=None, title: str | None = None,
                       alpha: float = 0.55, vmax: float | None = None):
     """Draw an image (C, H, W) in [−1, 1] with a word's attention map (T,) on top as a heat map; returns the axes."""
-    import matplotlib.pyplot as plt
-
     if image.ndim != 3:
         raise ValueError(f"expected one image (C, H, W), got {tuple(image.shape)}")
     if ax is None:
@@ -156,8 +108,6 @@ def show_attention_grid(images: torch.Tensor, maps: torch.Tensor, row_titles: li
                         col_titles: list[str] | None = None, cell: float = 1.6, alpha: float = 0.55):
     """A grid of overlays: maps (R, C, T) over images (C, ch, H, W) (one image per column) or (ch, H, W) (the same
     image everywhere). E.g. rows = layers, columns = sampling steps. Each map is scaled to its own maximum."""
-    import matplotlib.pyplot as plt
-
     if maps.ndim != 3:
         raise ValueError(f"maps must be (rows, cols, T), got {tuple(maps.shape)}")
     R, C, _ = maps.shape

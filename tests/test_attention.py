@@ -1,38 +1,26 @@
-import math
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from reference import naive_attention
 from torch import nn
 
 from minidit.attention import (
-    CPU_UNFUSED_MAX_KEYS,
-    FP32_SOFTMAX_BELOW_KEYS,
     Attention,
+    AttentionModule,
+    AttentionRecorder,
     CrossAttention,
     QKNorm,
     attention,
-    runs_unfused,
+    merge_heads,
+    split_heads,
 )
+from minidit.models import DiT, DiTConfig
 
 
-def naive_attention(q, k, v, mask=None):
-    """Per-batch, per-head loop: the definition, written independently of the package."""
-    B, H, Tq, d = q.shape
-    out = torch.zeros_like(q)
-    for b in range(B):
-        for h in range(H):
-            s = q[b, h] @ k[b, h].T / math.sqrt(d)
-            if mask is not None:
-                s = s.masked_fill(~mask[b][None, :], float("-inf"))
-            out[b, h] = torch.softmax(s, -1) @ v[b, h]
-    return out
-
-
-@pytest.mark.parametrize("keys", [7, 80])  # fp32 on a CPU: 7 keys run unfused, 80 run SDPA
+@pytest.mark.parametrize("keys", [7, 80])
 def test_sdpa_and_explicit_paths_agree_and_match_definition(keys):
-    assert runs_unfused("cpu", torch.float32, keys) == (keys <= CPU_UNFUSED_MAX_KEYS[torch.float32])
     q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, keys, 8), torch.randn(2, 3, keys, 8)
     mask = torch.ones(2, keys, dtype=torch.bool)
     mask[1, 4:] = False
@@ -44,59 +32,48 @@ def test_sdpa_and_explicit_paths_agree_and_match_definition(keys):
         assert w.shape == (2, 3, 5, keys) and torch.allclose(w.sum(-1), torch.ones(2, 3, 5))
     _, w = attention(q, k, v, mask, return_weights=True)
     assert (w[1, :, :, 4:] == 0).all()
+    full = torch.ones(2, 3, 5, keys, dtype=torch.bool)  # a broadcastable (B, H, Tq, Tk) mask works too
+    full[1, :, :, 4:] = False
+    assert torch.allclose(attention(q, k, v, full), naive_attention(q, k, v, mask), atol=1e-5)
 
 
-def test_which_path_trains_where():
-    """Unfused only on a CPU and only for short sequences (fp32 ≤ 64 keys, bf16 ≤ 512); SDPA everywhere else."""
-    assert runs_unfused("cpu", torch.bfloat16, 512) and not runs_unfused("cpu", torch.bfloat16, 513)
-    assert runs_unfused("cpu", torch.float32, 64) and not runs_unfused("cpu", torch.float32, 65)
-    assert not runs_unfused("cpu", torch.float16, 16)
-    assert not runs_unfused("cuda", torch.bfloat16, 16) and not runs_unfused(torch.device("cuda", 0), torch.float32, 4)
+def test_explicit_path_takes_its_softmax_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 6, 16, generator=g).to(torch.bfloat16) for _ in range(3))
+    out, w = attention(q, k, v, return_weights=True)
+    scores = (q @ k.transpose(-2, -1)).float() / 4.0  # bf16 matmul, fp32 from the scores on
+    want_w = scores.softmax(-1).to(torch.bfloat16)
+    assert w.dtype == out.dtype == torch.bfloat16
+    assert torch.equal(w, want_w) and torch.equal(out, want_w @ v)
 
 
-@pytest.mark.parametrize("keys", [16, 300, 600])  # bf16: unfused, unfused, SDPA
+@pytest.mark.parametrize("keys", [16, 300])
 def test_bf16_paths_match_fp32_sdpa_forward_and_backward(keys):
-    """Under bf16 autocast on a CPU, whichever path runs gives SDPA's fp32 output and gradients to bf16 precision,
-    with a key padding mask and an additive bias (the ALiBi route)."""
+    """In bf16 both paths give fp32 SDPA's output and gradients to bf16 precision, with a key padding mask."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, n, 16, generator=g) for n in (9, keys, keys))
     mask = torch.ones(2, keys, dtype=torch.bool)
     mask[1, keys // 2:] = False
-    bias = -torch.rand(2, 9, keys, generator=g)
     grad_out = torch.randn(2, 2, 9, 16, generator=g)
     ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=bias.masked_fill(~mask[:, None, None], float("-inf")))
+    ref = F.scaled_dot_product_attention(*ref_in, attn_mask=mask[:, None, None])
     ref.backward(grad_out)
-    ins = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
-    out = attention(*ins, mask, bias=bias)
-    assert out.dtype == torch.bfloat16
-    out.float().backward(grad_out)
-    assert torch.allclose(out.float(), ref, atol=3e-2, rtol=3e-2)
-    for a, b in zip(ins, ref_in):
-        assert torch.allclose(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
-
-
-def test_short_bf16_rows_take_their_softmax_in_fp32():
-    """Below FP32_SOFTMAX_BELOW_KEYS keys the unfused path runs softmax in fp32 (bf16's CPU kernel is slow on short
-    rows): the same forward bits as a bf16 softmax, gradients as the fp32 softmax gives them; fp32 inputs unchanged."""
-    g = torch.Generator().manual_seed(0)
-    for keys in (16, FP32_SOFTMAX_BELOW_KEYS):
-        q, k, v = (torch.randn(4, 2, n, 16, generator=g) for n in (keys, keys, keys))
-        grad_out = torch.randn(4, 2, keys, 16, generator=g).to(torch.bfloat16)
+    for return_weights in (False, True):
         ins = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
-        out = attention(*ins)
-        out.backward(grad_out)
-        for dtype in (torch.bfloat16, torch.float32):  # a bf16 softmax, then the fp32 route, written out
-            ref_in = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
-            scores = (ref_in[0] @ ref_in[1].transpose(-2, -1)) / 4.0
-            ref = scores.softmax(-1, dtype=dtype).to(torch.bfloat16) @ ref_in[2]
-            ref.backward(grad_out)
-            assert torch.equal(out, ref)
-            grads_equal = all(torch.equal(a.grad, b.grad) for a, b in zip(ins, ref_in))
-            assert grads_equal == ((dtype == torch.float32) == (keys < FP32_SOFTMAX_BELOW_KEYS))
-    q32 = torch.randn(2, 2, 16, 8, generator=g, requires_grad=True)
-    ref32 = ((q32 @ q32.transpose(-2, -1)) / math.sqrt(8)).softmax(-1) @ q32
-    assert torch.equal(attention(q32, q32, q32), ref32)
+        out = attention(*ins, mask, return_weights=return_weights)
+        out = out[0] if return_weights else out
+        assert out.dtype == torch.bfloat16
+        out.float().backward(grad_out)
+        assert torch.allclose(out.float(), ref, atol=3e-2, rtol=3e-2)
+        for a, b in zip(ins, ref_in):
+            assert torch.allclose(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_split_and_merge_heads_are_inverse_and_head_major():
+    x = torch.randn(2, 5, 12)
+    h = split_heads(x, 3)
+    assert h.shape == (2, 3, 5, 4) and torch.equal(h[:, 1], x[..., 4:8])  # head 1 = features 4…7
+    assert torch.equal(merge_heads(h), x)
 
 
 def test_self_attention_matches_torch_multihead_attention():
@@ -113,6 +90,7 @@ def test_self_attention_matches_torch_multihead_attention():
     out, w = ours(x, return_weights=True)
     assert torch.allclose(out, want, atol=1e-5) and torch.allclose(w, want_w, atol=1e-5)
     assert torch.allclose(ours(x), want, atol=1e-5)
+    assert Attention(D, H, qkv_bias=False).qkv.bias is None
 
 
 def test_cross_attention_own_context_width_and_padding_mask():
@@ -146,18 +124,11 @@ def test_cross_attention_matches_multihead_attention_with_kdim():
     assert torch.allclose(ca(x, ctx, ~pad), want, atol=1e-5)
 
 
-def test_mask_errors():
-    q = torch.randn(1, 1, 2, 4)
-    with pytest.raises(ValueError, match="at least one unmasked key"):
-        attention(q, q, q, torch.zeros(1, 2, dtype=torch.bool))
-    with pytest.raises(ValueError, match="must be bool"):
-        attention(q, q, q, torch.ones(1, 2))
-    with pytest.raises(ValueError, match=r"\(B, T_key\)"):
-        attention(q, q, q, torch.ones(1, 3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="context must be"):
-        CrossAttention(8, 12, 2)(torch.randn(1, 3, 8), torch.randn(1, 3, 8))
-    with pytest.raises(ValueError, match="not divisible"):
+def test_heads_must_divide_the_width():
+    with pytest.raises(ValueError, match="dim 10 is not divisible by num_heads 4"):
         Attention(10, 4)
+    with pytest.raises(ValueError, match="not divisible"):
+        CrossAttention(10, 8, 3)
 
 
 def test_qk_norm_is_rmsnorm_and_runs_bf16_without_the_dtype_mismatch_warning():
@@ -176,9 +147,44 @@ def test_qk_norm_is_rmsnorm_and_runs_bf16_without_the_dtype_mismatch_warning():
     torch.testing.assert_close(y.float(), ref(x).detach(), atol=3e-2, rtol=2e-2)
 
 
-def test_qk_norm_normalises_each_head():
+def test_qk_norm_normalises_each_head_of_q_and_k():
     a = Attention(16, 2, qk_norm=True)
     assert isinstance(a.q_norm, nn.RMSNorm) and a.q_norm.normalized_shape == (8,)
+    assert isinstance(Attention(16, 2).q_norm, nn.Identity)
     x = torch.randn(1, 4, 16)
     out, w = a(x, return_weights=True)
     assert torch.allclose(a(x), out, atol=1e-5)
+    # reference: RMS-normalise each head's q and k, then plain attention
+    q, k, v = a.qkv(x).reshape(1, 4, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    rms = lambda z: z / z.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # noqa: E731
+    want = a.proj(merge_heads(naive_attention(rms(q), rms(k), v)))
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_recorder_collects_every_layers_weights_and_detaches():
+    model = DiT(DiTConfig(input_size=8, patch_size=2, dim=16, depth=2, num_heads=2, context_dim=6, pooled_dim=4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.eval()
+    args = (torch.randn(2, 1, 8, 8), torch.rand(2), torch.randn(2, 4), torch.randn(2, 3, 6))
+    plain = model(*args)
+    layers = [m for m in model.modules() if isinstance(m, AttentionModule)]
+    assert len(layers) == 4  # self- and cross-attention in each of 2 blocks
+    with AttentionRecorder(model) as rec:
+        assert all(m.recorder is rec for m in layers)
+        recorded = model(*args)
+    assert torch.allclose(recorded, plain, atol=1e-5)  # the explicit path computes the same output
+    assert [n for n, _ in rec.records] == ["blocks.0.attn", "blocks.0.cross_attn", "blocks.1.attn",
+                                           "blocks.1.cross_attn"]
+    assert rec.by_name("blocks.1.attn")[0].shape == (2, 2, 16, 16)
+    assert rec.by_name("blocks.0.cross_attn")[0].shape == (2, 2, 16, 3)
+    assert all(torch.allclose(w.sum(-1), torch.ones(())) for _, w in rec.records)
+    assert all(m.recorder is None for m in layers)  # detached on exit
+    model(*args)
+    assert len(rec.records) == 4
+    with AttentionRecorder(model, include=("cross_attn",)) as only:
+        model(*args)
+    assert [n for n, _ in only.records] == ["blocks.0.cross_attn", "blocks.1.cross_attn"]
+    with pytest.raises(ValueError, match="no attention layers"):
+        AttentionRecorder(model, include=("nothing",))

@@ -1,4 +1,4 @@
-"""Attention variants (options of minidit.attention.Attention), each against an independent reference.
+"""Attention variants (minidit.variants.attention), each against an independent reference.
 
 References are written from the definitions with Python loops and `math` (no package helper is reused):
 grouped-query attention = multi-head attention whose key/value heads are copies within a group; 2D ALiBi = a score
@@ -13,9 +13,12 @@ import math
 import pytest
 import torch
 
-from minidit.attention import Attention, apply_rope, rope_2d_angles
-from minidit.checkpoint import load_checkpoint
-from minidit.models import DiT, DiTConfig, load_model, save_model
+from minidit.attention import Attention
+from minidit.checkpoint import load_checkpoint, save_model
+from minidit.models import DiT, DiTConfig
+from minidit.train import TrainConfig, Trainer
+from minidit.variants import load_variant
+from minidit.variants.attention import VariantAttention, VariantConfig, VariantDiT, apply_rope, rope_2d_angles
 
 
 def randomized(m: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
@@ -25,7 +28,7 @@ def randomized(m: torch.nn.Module, std: float = 0.3) -> torch.nn.Module:
     return m
 
 
-def project(attn: Attention, x: torch.Tensor):
+def project(attn: VariantAttention, x: torch.Tensor):
     """q (B, H, T, d), k and v (B, Hkv, T, d) straight from the fused weight, by slicing rows (the definition)."""
     D, H, Hkv, d = x.shape[-1], attn.num_heads, attn.n_kv_heads, attn.head_dim
     W, b = attn.qkv.weight, attn.qkv.bias
@@ -53,7 +56,7 @@ def loop_attention(q, k, v, allowed=None, bias=None):
     return out
 
 
-def finish(attn: Attention, o: torch.Tensor) -> torch.Tensor:
+def finish(attn: VariantAttention, o: torch.Tensor) -> torch.Tensor:
     B, H, T, d = o.shape
     return o.transpose(1, 2).reshape(B, T, H * d) @ attn.proj.weight.T + attn.proj.bias
 
@@ -61,7 +64,7 @@ def finish(attn: Attention, o: torch.Tensor) -> torch.Tensor:
 # ---- grouped-query attention ---------------------------------------------------------------------------------
 def test_gqa_equals_multi_head_attention_with_shared_key_value_heads():
     D, H, Hkv = 32, 4, 2
-    gqa = randomized(Attention(D, H, n_kv_heads=Hkv))
+    gqa = randomized(VariantAttention(D, H, (1, 7), n_kv_heads=Hkv))
     assert gqa.qkv.weight.shape == (D + 2 * Hkv * D // H, D)  # fewer key/value parameters
     mha = Attention(D, H)
     d = D // H
@@ -84,10 +87,11 @@ def test_gqa_equals_multi_head_attention_with_shared_key_value_heads():
 def test_gqa_with_one_group_per_head_is_plain_attention_and_one_kv_head_is_mqa():
     D, H = 24, 3
     x = torch.randn(2, 5, D)
-    full, plain = Attention(D, H, n_kv_heads=H), Attention(D, H)
-    plain.load_state_dict(full.state_dict())
-    assert torch.allclose(full(x), plain(x), atol=0)
-    mqa = randomized(Attention(D, H, n_kv_heads=1))
+    for full in (VariantAttention(D, H, (1, 5), n_kv_heads=H), VariantAttention(D, H, (1, 5))):
+        plain = Attention(D, H)  # the teaching path's attention: same parameter names and shapes
+        plain.load_state_dict(full.state_dict())
+        assert torch.allclose(full(x), plain(x), atol=1e-6)
+    mqa = randomized(VariantAttention(D, H, (1, 5), n_kv_heads=1))
     q, k, v = project(mqa, x)  # k, v (B, 1, T, d): one head shared by every query head
     ref = loop_attention(q, k.expand(-1, H, -1, -1), v.expand(-1, H, -1, -1))
     assert torch.allclose(mqa(x), finish(mqa, ref), atol=1e-5)
@@ -97,7 +101,7 @@ def test_gqa_with_one_group_per_head_is_plain_attention_and_one_kv_head_is_mqa()
 @pytest.mark.parametrize("distance", ["euclidean", "manhattan"])
 def test_alibi_2d_matches_loop_reference(distance):
     D, H, h, w = 16, 4, 3, 4
-    attn = randomized(Attention(D, H, grid=(h, w), alibi=distance))
+    attn = randomized(VariantAttention(D, H, (h, w), alibi=distance))
     x = torch.randn(2, h * w, D)
 
     def bias(head, i, j):
@@ -109,7 +113,7 @@ def test_alibi_2d_matches_loop_reference(distance):
     want = finish(attn, loop_attention(q, k, v, bias=bias))
     assert torch.allclose(attn(x), want, atol=1e-5)
     out, wts = attn(x, return_weights=True)
-    assert torch.allclose(out, want, atol=1e-5)
+    assert torch.allclose(out, want, atol=1e-5) and torch.allclose(wts.sum(-1), torch.ones(2, H, h * w))
     plain = Attention(D, H)
     plain.load_state_dict(attn.state_dict())
     assert not torch.allclose(plain(x), want, atol=1e-3)  # the bias matters
@@ -117,7 +121,7 @@ def test_alibi_2d_matches_loop_reference(distance):
 
 def test_alibi_makes_attention_local_when_queries_and_keys_carry_no_content():
     """With q = k = 0 the weights are softmax(−slope·distance): they decay with distance, steeper for head 0."""
-    attn = Attention(8, 2, grid=5, alibi="euclidean")
+    attn = VariantAttention(8, 2, (5, 5), alibi="euclidean")
     with torch.no_grad():
         attn.qkv.weight.zero_()
         attn.qkv.bias.zero_()
@@ -167,7 +171,7 @@ def test_rope_2d_scores_depend_only_on_the_2d_offset():
 
 def test_attention_with_rope_matches_rotated_loop_reference():
     D, H, h, w = 32, 2, 3, 3
-    attn = randomized(Attention(D, H, grid=h, rope=True, qk_norm=True))
+    attn = randomized(VariantAttention(D, H, (h, w), rope=True, qk_norm=True))
     x = torch.randn(2, h * w, D)
     q, k, v = project(attn, x)
     q, k = attn.q_norm(q), attn.k_norm(k)  # rotation after QK-norm (as FLUX / SD3.5 with RoPE do)
@@ -178,7 +182,7 @@ def test_attention_with_rope_matches_rotated_loop_reference():
 
 
 # ---- tiled attention with global tokens ------------------------------------------------------------------------
-def tile_reference(attn: Attention, x: torch.Tensor, h: int, w: int, win: int, n_global: int) -> torch.Tensor:
+def tile_reference(attn: VariantAttention, x: torch.Tensor, h: int, w: int, win: int, n_global: int) -> torch.Tensor:
     q, k, v = project(attn, x)
     g = math.isqrt(n_global)
     if g:  # global token (a, b) = mean of the keys/values in region a, b of a g×g partition
@@ -198,7 +202,7 @@ def tile_reference(attn: Attention, x: torch.Tensor, h: int, w: int, win: int, n
 @pytest.mark.parametrize("win, g", [(2, 0), (2, 1), (2, 4), (3, 0)])
 def test_windowed_attention_matches_loop_reference(win, g):
     D, H, h, w = 16, 2, 6, 6
-    attn = randomized(Attention(D, H, grid=(h, w), window=win, global_tokens=g))
+    attn = randomized(VariantAttention(D, H, (h, w), window=win, global_tokens=g))
     x = torch.randn(2, h * w, D)
     want = tile_reference(attn, x, h, w, win, g)
     assert torch.allclose(attn(x), want, atol=1e-5)  # block-sparse path
@@ -213,72 +217,84 @@ def test_window_without_globals_cuts_information_between_tiles_and_globals_resto
     x2 = x.clone()
     x2[0, 0] += 3.0  # change one token of the top-left tile
     far = h * h - 1  # a token of the bottom-right tile
-    local = randomized(Attention(D, H, grid=h, window=2))
+    local = randomized(VariantAttention(D, H, (h, h), window=2))
     assert torch.allclose(local(x)[0, far], local(x2)[0, far], atol=1e-6)
-    glob = randomized(Attention(D, H, grid=h, window=2, global_tokens=1))
+    glob = randomized(VariantAttention(D, H, (h, h), window=2, global_tokens=1))
     assert not torch.allclose(glob(x)[0, far], glob(x2)[0, far], atol=1e-4)
 
 
 def test_window_covering_the_whole_grid_is_plain_attention():
     D, H, h = 16, 2, 4
-    tiled, plain = Attention(D, H, grid=h, window=h), Attention(D, H)
+    tiled, plain = VariantAttention(D, H, (h, h), window=h), Attention(D, H)
     plain.load_state_dict(tiled.state_dict())
     x = torch.randn(2, h * h, D)
     assert torch.allclose(tiled(x), plain(x), atol=1e-6)
 
 
-# ---- options in a DiT, dtype, validation -----------------------------------------------------------------------
+# ---- the variants in a DiT, dtype, validation ------------------------------------------------------------------
 VARIANTS = [dict(n_kv_heads=2), dict(alibi="euclidean"), dict(rope=True), dict(window=7, global_tokens=4),
             dict(rope=True, window=7, n_kv_heads=1)]
 
 
 @pytest.mark.parametrize("attn", VARIANTS)
-def test_dit_with_attention_variant_trains_saves_and_reloads(attn, tmp_path):
-    cfg = DiTConfig(patch_size=2, dim=32, depth=2, num_heads=4, attn=attn)
-    model = randomized(DiT(cfg), 0.05)
+def test_variant_dit_trains_saves_and_reloads(attn, tmp_path):
+    cfg = VariantConfig(patch_size=2, dim=32, depth=2, num_heads=4, **attn)
+    model = randomized(VariantDiT(cfg), 0.05)
+    assert all(type(b.attn) is VariantAttention and b.attn.grid == (14, 14) for b in model.blocks)
+    relative = attn.get("rope") or attn.get("alibi")
+    assert bool(model.pos_embed.abs().sum() == 0) == bool(relative)  # relative positions replace sin-cos
     x, t, y = torch.randn(3, 1, 28, 28), torch.rand(3), torch.tensor([0, 4, 10])
     out = model(x, t, y)
     out.square().mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
-    assert model.blocks[0].attn.grid == (14, 14)
-    relative = attn.get("rope") or attn.get("alibi")
-    assert bool(model.pos_embed.abs().sum() == 0) == bool(relative)  # relative positions replace sin-cos
-    save_model(tmp_path / "m.safetensors", model)
-    _, meta = load_checkpoint(tmp_path / "m.safetensors")
-    assert meta["config"]["attn"] == attn
-    again = load_model(tmp_path / "m.safetensors")
-    assert torch.allclose(again(x, t, y), out, atol=1e-6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model(x, t, y).dtype == torch.bfloat16
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.blocks.parameters())
+    images, labels = torch.randn(8, 1, 28, 28).clamp(-1, 1), torch.arange(8)
+    trainer = Trainer(model, images, labels, TrainConfig(steps=2, batch_size=4, ema_decay=0.5)).run(progress=False)
+    assert all(math.isfinite(h["loss"]) for h in trainer.history)
+    path = save_model(tmp_path / "m.safetensors", trainer.ema)
+    _, meta = load_checkpoint(path)
+    assert meta["model"] == "VariantDiT" and {k: meta["config"][k] for k in attn} == attn
+    again = load_variant(path)
+    assert type(again) is VariantDiT and again.config == cfg
+    with torch.no_grad():
+        assert torch.equal(again(x, t, y), trainer.ema(x, t, y))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert again(x, t, y).dtype == torch.bfloat16
 
 
-def test_default_config_has_no_variant_and_unchanged_parameters():
-    assert DiTConfig().attn is None
-    plain = DiT(DiTConfig(patch_size=4, dim=32, depth=1, num_heads=4))
-    named = {k: v.shape for k, v in plain.state_dict().items()}
-    assert named["blocks.0.attn.qkv.weight"] == (96, 32)
+def test_default_variant_config_is_dit():
+    """All options off: VariantDiT has DiT's parameters (same names and shapes) and computes DiT's function."""
+    cfg = VariantConfig(patch_size=4, dim=32, depth=1, num_heads=4)
+    assert (cfg.n_kv_heads, cfg.rope, cfg.alibi, cfg.window, cfg.global_tokens) == (None, False, None, None, 0)
+    variant = randomized(VariantDiT(cfg), 0.1).eval()
+    plain = DiT(DiTConfig(patch_size=4, dim=32, depth=1, num_heads=4)).eval()
+    assert {k: v.shape for k, v in variant.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+    assert variant.state_dict()["blocks.0.attn.qkv.weight"].shape == (96, 32)
+    plain.load_state_dict(variant.state_dict())
+    x, t, y = torch.randn(2, 1, 28, 28), torch.rand(2), torch.tensor([3, 10])
+    assert torch.allclose(variant(x, t, y), plain(x, t, y), atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(n_kv_heads=3), "n_kv_heads"),
-    (dict(alibi="cosine", grid=4), "alibi"),
-    (dict(window=3, grid=4), "window"),
-    (dict(window=2, global_tokens=3, grid=4), "global_tokens"),
-    (dict(global_tokens=4, grid=4), "global_tokens only"),
-    (dict(window=2, alibi="euclidean", grid=4), "cannot be combined"),
-    (dict(rope=True), "grid"),
+    (dict(n_kv_heads=0), "n_kv_heads"),
+    (dict(alibi="cosine"), "alibi"),
+    (dict(window=3), "window"),
+    (dict(window=2, global_tokens=3), "global_tokens"),
+    (dict(window=2, global_tokens=9), "global_tokens"),  # 3 does not divide the 4×4 grid
+    (dict(global_tokens=4), "global_tokens"),  # global tokens only with windows
+    (dict(window=2, alibi="euclidean"), "window"),  # tiles and ALiBi cannot be combined
 ])
 def test_invalid_attention_options_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        Attention(16, 4, **kwargs)
+        VariantAttention(16, 4, (4, 4), **kwargs)
 
 
-def test_invalid_dit_attention_options_raise():
-    with pytest.raises(ValueError, match="unknown DiTConfig.attn"):
-        DiTConfig(attn={"heads": 2})
+def test_invalid_variant_configs_raise():
+    with pytest.raises(ValueError, match="rope"):
+        VariantAttention(24, 4, (4, 4), rope=True)  # head_dim 6: 2D RoPE needs head_dim % 4 == 0
     with pytest.raises(ValueError, match="window"):
-        DiTConfig(patch_size=4, attn={"window": 2})  # 7×7 grid
-    with pytest.raises(ValueError, match="attn"):
-        DiTConfig(conditioning="in-context", attn={"n_kv_heads": 2})
-    with pytest.raises(ValueError, match="grid"):
-        Attention(16, 4, grid=4, window=2)(torch.randn(1, 9, 16))
+        VariantConfig(patch_size=4, window=2)  # a 7×7 grid
+    with pytest.raises(ValueError, match="n_kv_heads"):
+        VariantConfig(num_heads=4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="num_heads"):
+        VariantConfig(dim=32, num_heads=5)  # DiTConfig's own checks still apply

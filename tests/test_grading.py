@@ -293,9 +293,9 @@ WRONG = {
               "reshape(B, N, self.num_heads, 3, self.head_dim).permute(3, 0, 2, 1, 4)")],
             "JointAttention: the package"),
         "QK-norm shared by the two modalities": (
-            [("self.q_norm_img, self.k_norm_img, self.q_norm_txt, self.k_norm_txt = norm(), norm(), norm(), norm()",
-              "self.q_norm_img, self.k_norm_img = norm(), norm()\n"
-              "        self.q_norm_txt, self.k_norm_txt = self.q_norm_img, self.k_norm_img")],
+            [("self.q_norm, self.k_norm, self.q_norm_txt, self.k_norm_txt = norm(), norm(), norm(), norm()",
+              "self.q_norm, self.k_norm = norm(), norm()\n"
+              "        self.q_norm_txt, self.k_norm_txt = self.q_norm, self.k_norm")],
             "JointAttention(qk_norm=True)"),
         "pre-only block keeps a text projection": (
             [("        self.proj_txt = None if pre_only else nn.Linear(dim, dim)\n",

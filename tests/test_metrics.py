@@ -2,14 +2,13 @@ import pytest
 import torch
 
 from minidit import metrics
+from minidit.checkpoint import read_meta, weights_path
 from minidit.data import mnist_tensors
 
 
 def test_shipped_classifier_is_small_and_accurate():
-    path = metrics.default_classifier_path()
+    path = weights_path("mnist_classifier")
     assert path.stat().st_size < 1_000_000
-    from minidit.checkpoint import read_meta
-
     meta = read_meta(path)
     acc = metrics.accuracy(metrics.load_classifier(), *mnist_tensors("test"))
     assert acc >= 0.98
@@ -77,8 +76,46 @@ def test_bad_images(images, match):
         metrics.evaluate(images, torch.zeros(4, dtype=torch.long))
 
 
-def test_stratified_real_is_balanced():
-    _, y = metrics.stratified_real(1000)
+def test_stratified_real_is_balanced_and_draws_from_its_split():
+    x, y = metrics.stratified_real(1000)
     assert torch.bincount(y).tolist() == [100] * 10
-    with pytest.raises(ValueError, match="between 10 and"):
+    assert torch.bincount(metrics.stratified_real(25)[1]).tolist() == [3] * 5 + [2] * 5
+    with pytest.raises(ValueError, match="between 10 and 4000"):
         metrics.stratified_real(5000)
+    with pytest.raises(ValueError, match="between 10 and 3500"):
+        metrics.stratified_real(4000, split="fit")
+    fit = {r.numpy().tobytes() for r in mnist_tensors("fit")[0]}
+    assert all(r.numpy().tobytes() in fit for r in metrics.stratified_real(200, split="fit")[0])
+
+
+def test_validation_reference_for_choosing_settings():
+    """reference="val": features of the 500 validation digits, a floor from the "fit" digits; never the test set."""
+    ref = metrics.reference_features("val")
+    assert ref.shape == (500, metrics.FEATURE_DIM)
+    assert torch.equal(ref, metrics.features(mnist_tensors("val")[0]))
+    assert metrics.reference_features("test").shape == (1000, metrics.FEATURE_DIM)
+    real, _ = metrics.stratified_real(300, seed=2, split="fit")
+    floor = metrics.fid_floor(300, seed=2, reference="val")
+    assert floor == pytest.approx(metrics.frechet_distance(metrics.features(real), ref), rel=1e-9)
+    assert floor != metrics.fid_floor(300, seed=2, reference="test")
+    x, y = metrics.stratified_real(300, seed=5, split="fit")
+    m = metrics.evaluate(x, y, reference="val")
+    assert m["fid_floor"] == metrics.fid_floor(300, reference="val")
+    assert m["fid"] == pytest.approx(metrics.frechet_distance(metrics.features(x), ref), rel=1e-9)
+    assert m["conditional_accuracy"] > 0.97 and m["fid"] < 2 * m["fid_floor"]
+    with pytest.raises(ValueError, match="reference must be 'test' .* or 'val'"):
+        metrics.evaluate(x, y, reference="train")
+
+
+def test_random_affine_is_set_by_its_draws():
+    x = mnist_tensors("test")[0][:4]
+    u = torch.full((4, 4), 0.5)  # middle of every range: no rotation, scale 1, no shift
+    assert torch.allclose(metrics.random_affine(x, u), x, atol=1e-5)
+    shift = u.clone()
+    shift[:, 2] = (4 / 28 / 0.2 + 1) / 2  # x shift of 4/28 grid units ([−1, 1] spans 28 px): content moves 2 px left
+    moved = metrics.random_affine(x, shift)
+    assert torch.allclose(moved[..., :-2], x[..., 2:], atol=1e-4)
+    assert torch.allclose(moved[..., -2:], torch.full_like(moved[..., -2:], -1.0), atol=1e-4)  # background fills in
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(4, 4, generator=g)
+    assert torch.equal(metrics.random_affine(x, u), metrics.random_affine(x, u.clone()))  # no hidden randomness

@@ -110,7 +110,7 @@ def test_ignored_outputs_are_asserted(path):
 def test_exercises_are_up_to_date():
     stale = make_exercises(ROOT / "solutions", ROOT / "exercises", check=True)
     assert not stale, (f"exercises/ is stale ({', '.join(Path(s).name for s in stale)}): regenerate it with "
-                       "`make exercises` (python -m minidit.grading make-exercises)")
+                       "`make exercises` (minidit exercises)")
 
 
 def test_markers_and_asserts_are_detected():

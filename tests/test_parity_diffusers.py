@@ -28,9 +28,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minidit.blocks import DiTBlock
+from minidit.ddpm import DDPMSchedule, respaced_steps
 from minidit.mmdit import MMDiT, MMDiTBlock, MMDiTConfig
-from minidit.models import DiT, DiTConfig
+from minidit.models import DiT, DiTBlock, DiTConfig, get_config
+from minidit.sampling import sample
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DiTTransformer2DModel, SD3Transformer2DModel  # noqa: E402
@@ -61,7 +62,7 @@ def mmdit_block_to_diffusers(ours: MMDiTBlock, ref: JointTransformerBlock) -> No
 
     adaLN_img[1] → norm1.linear;  adaLN_txt[1] → norm1_context.linear (halves swapped when pre-only);
     attn.qkv_img (q; k; v) → attn.to_q / to_k / to_v;  attn.qkv_txt → attn.add_q_proj / add_k_proj / add_v_proj;
-    attn.{q,k}_norm_img → attn.norm_{q,k};  attn.{q,k}_norm_txt → attn.norm_added_{q,k};
+    attn.{q,k}_norm → attn.norm_{q,k};  attn.{q,k}_norm_txt → attn.norm_added_{q,k};
     attn.proj_img → attn.to_out[0];  attn.proj_txt → attn.to_add_out;
     mlp_img.fc1 / fc2 → ff.net[0].proj / ff.net[2];  mlp_txt → ff_context (both absent when pre-only).
     """
@@ -76,7 +77,7 @@ def mmdit_block_to_diffusers(ours: MMDiTBlock, ref: JointTransformerBlock) -> No
         for w, b, name in zip(lin.weight.chunk(3), lin.bias.chunk(3), names):
             _copy(getattr(ra, name), w, b)
     if ra.norm_q is not None:
-        for mine, theirs in ((a.q_norm_img, ra.norm_q), (a.k_norm_img, ra.norm_k),
+        for mine, theirs in ((a.q_norm, ra.norm_q), (a.k_norm, ra.norm_k),
                              (a.q_norm_txt, ra.norm_added_q), (a.k_norm_txt, ra.norm_added_k)):
             theirs.weight.copy_(mine.weight)
     _linear(ra.to_out[0], a.proj_img)
@@ -94,7 +95,7 @@ def mmdit_to_diffusers(ours: MMDiT, ref: SD3Transformer2DModel) -> None:
 
     x_embedder.proj → pos_embed.proj (the position table is not copied: the test checks it is equal);
     context_embedder → context_embedder;  t_embedder.mlp[0] / [2] → time_text_embed.timestep_embedder.linear_1 / 2;
-    pooled_embedder[0] / [2] → time_text_embed.text_embedder.linear_1 / 2;  blocks[i] → transformer_blocks[i];
+    y_embedder.mlp[0] / [2] → time_text_embed.text_embedder.linear_1 / 2;  blocks[i] → transformer_blocks[i];
     final_layer.adaLN_modulation[1] → norm_out.linear (halves swapped);  final_layer.linear → proj_out.
     """
     _linear(ref.pos_embed.proj, ours.x_embedder.proj)
@@ -102,8 +103,8 @@ def mmdit_to_diffusers(ours: MMDiT, ref: SD3Transformer2DModel) -> None:
     te = ref.time_text_embed
     _linear(te.timestep_embedder.linear_1, ours.t_embedder.mlp[0])
     _linear(te.timestep_embedder.linear_2, ours.t_embedder.mlp[2])
-    _linear(te.text_embedder.linear_1, ours.pooled_embedder[0])
-    _linear(te.text_embedder.linear_2, ours.pooled_embedder[2])
+    _linear(te.text_embedder.linear_1, ours.y_embedder.mlp[0])
+    _linear(te.text_embedder.linear_2, ours.y_embedder.mlp[2])
     for mine, theirs in zip(ours.blocks, ref.transformer_blocks, strict=True):
         mmdit_block_to_diffusers(mine, theirs)
     ada = ours.final_layer.adaLN_modulation[1]
@@ -151,8 +152,8 @@ def dit_to_diffusers(ours: DiT, ref: DiTTransformer2DModel) -> None:
 def randomize(model: torch.nn.Module, std: float = 0.05) -> None:
     """Every parameter random (a fresh adaLN-Zero model outputs 0, which would make parity vacuous)."""
     for name, p in model.named_parameters():
-        if name.endswith("norm_img.weight") or name.endswith("norm_txt.weight"):
-            p.copy_(1 + std * torch.randn_like(p))  # RMSNorm gains around 1
+        if name.split(".")[-2] in ("q_norm", "k_norm", "q_norm_txt", "k_norm_txt"):
+            p.copy_(1 + std * torch.randn_like(p))  # QK-RMSNorm gains around 1
         else:
             p.normal_(0.0, std)
 
@@ -203,7 +204,7 @@ def test_mmdit_matches_sd3_transformer(qk_norm):
     for H, W in ((16, 16), (12, 8), (24, 24)):  # the training size, a smaller crop, the whole 12×12 table
         x = torch.randn(3, 4, H, W)
         with torch.no_grad():
-            out = ours(x, t, ctx, pooled)
+            out = ours(x, t, pooled, ctx)
             want = ref(x, ctx, pooled, t * 1000).sample  # diffusers takes the timestep itself
         assert out.shape == want.shape == x.shape
         assert out.abs().max() > 0.1
@@ -215,7 +216,7 @@ def test_sd3_parity_is_sensitive_to_each_convention():
     ours, ref = _sd3_pair(True)
     x, t, ctx, pooled = torch.randn(2, 4, 16, 16), torch.rand(2), torch.randn(2, 5, 24), torch.randn(2, 40)
     with torch.no_grad():
-        out = ours(x, t, ctx, pooled)
+        out = ours(x, t, pooled, ctx)
         assert not torch.allclose(out, ref(x, ctx, pooled, t).sample, atol=1e-3)
         ada = ours.final_layer.adaLN_modulation[1]
         ref.norm_out.linear.weight.copy_(ada.weight)
@@ -225,11 +226,10 @@ def test_sd3_parity_is_sensitive_to_each_convention():
 
 # ---- DiT vs diffusers' DiT -------------------------------------------------------------------------------------
 def _dit_pair():
-    cfg = DiTConfig(input_size=16, in_channels=4, patch_size=2, dim=64, depth=2, num_heads=4, num_classes=10,
-                    learn_sigma=True)
+    cfg = DiTConfig(input_size=16, in_channels=4, patch_size=2, dim=64, depth=2, num_heads=4, num_classes=10)
     ours = DiT(cfg)
     randomize(ours)
-    ref = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=8,
+    ref = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
                                 num_layers=2, sample_size=16, patch_size=2, num_embeds_ada_norm=10,
                                 norm_eps=1e-6)  # DiT's LayerNorm eps (diffusers' default is 1e-5)
     dit_to_diffusers(ours, ref)
@@ -244,7 +244,7 @@ def test_dit_matches_diffusers_dit_transformer():
     with torch.no_grad():
         out = ours(x, t, y)
         want = ref(x, t * 1000, y).sample
-    assert out.shape == want.shape == (3, 8, 16, 16) and out.abs().max() > 0.1
+    assert out.shape == want.shape == (3, 4, 16, 16) and out.abs().max() > 0.1
     assert torch.allclose(out, want, atol=1e-5, rtol=0), (out - want).abs().max()
 
 
@@ -283,30 +283,38 @@ def test_dit_cross_attention_block_matches_basic_transformer_block_with_mask():
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_ddpm_ancestral_sampler_matches_diffusers_ddpm_scheduler(schedule):
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_ddpm_ancestral_sampler_matches_diffusers_ddpm_scheduler(schedule, spacing):
     """minidit's ancestral sampler = diffusers' DDPMScheduler (ε-prediction, clipped x0, posterior variance β̃)
-    stepped over the same respaced timesteps with the same random draws."""
+    stepped over the same respaced timesteps with the same random draws, for a DiT whose every weight is random
+    (so ε depends on x, t and y)."""
     from diffusers import DDPMScheduler
-
-    from minidit.ddpm import DDPMSchedule, ddpm_sample, respaced_steps
-    from minidit.models import DiT, get_config
 
     torch.manual_seed(0)
     model = DiT(get_config("mnist-tiny")).eval()
-    with torch.no_grad():  # a fresh DiT outputs exactly 0: perturb the last layer so ε depends on x, t and y
-        model.final_layer.linear.weight.normal_(0, 0.05)
+    randomize(model, 0.05)
     sched = DDPMSchedule(schedule)
-    labels = torch.arange(4)
+    labels = torch.tensor([0, 3, 7, 10])  # 10: the null label
     z = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    ours = ddpm_sample(model, sched, labels, steps=12, method="ancestral", noise=z.clone(),
-                       generator=torch.Generator().manual_seed(7))
+    ks = respaced_steps(sched, 12, spacing)
+    assert (ks[-1] == 0) == (spacing == "linspace")
+    ours = sample(model, labels, steps=12, sampler="ancestral", schedule=sched, spacing=spacing, noise=z.clone(),
+                  generator=torch.Generator().manual_seed(7))
     ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_sample=True,
                         beta_schedule="linear" if schedule == "linear" else "squaredcos_cap_v2",
                         variance_type="fixed_small", prediction_type="epsilon")
-    ref.set_timesteps(timesteps=respaced_steps(sched, 12))
+    ref.set_timesteps(timesteps=ks)
+    assert ref.timesteps.tolist() == ks
+    assert torch.allclose(ref.alphas_cumprod.double(), sched.alphas_cumprod, atol=1e-6)
     g, x = torch.Generator().manual_seed(7), z.clone()
     with torch.no_grad():
+        eps_first = model(x, torch.full((4,), ks[0]) / 1000, labels)
+        assert eps_first.std() > 0.1  # not a vacuous comparison: the random DiT predicts real noise
+        assert not torch.allclose(eps_first[0], model(x, torch.full((4,), ks[1]) / 1000, labels)[0], atol=1e-3)
+        assert not torch.allclose(eps_first[1], model(x, torch.full((4,), ks[0]) / 1000, labels.flip(0))[1],
+                                  atol=1e-3)
         for t in ref.timesteps:
             eps = model(x, torch.full((4,), int(t)) / 1000, labels)  # minidit time = k / 1000
             x = ref.step(eps, t, x, generator=g).prev_sample
+    assert ours.abs().max() > 0.1
     assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()

@@ -57,3 +57,35 @@ def test_readme_commands_and_ci():
     assert "make test" in ci
     makefile = (ROOT / "Makefile").read_text()
     assert "ruff check" in makefile and "--nbval" in makefile
+
+
+def make_recipe(target: str) -> list[str]:
+    """The command lines of a Makefile target (tab-indented lines under `target:`)."""
+    lines = (ROOT / "Makefile").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"{target}:"))
+    body = []
+    for line in lines[start + 1:]:
+        if not line.startswith("\t"):
+            break
+        body.append(line.strip())
+    return body
+
+
+def test_make_targets_call_the_one_cli():
+    """One CLI: the Makefile's course commands are `minidit` subcommands (no `python -m minidit.<module>`)."""
+    assert any("minidit demo" in c for c in make_recipe("demo"))
+    assert any(c.endswith("minidit exercises") for c in make_recipe("exercises"))
+    assert any(c.endswith("minidit notebooks notebooks solutions") for c in make_recipe("notebooks"))
+    assert any("pytest" in c and "tests" in c for c in make_recipe("test"))
+    makefile = (ROOT / "Makefile").read_text()
+    assert "python -m minidit." not in makefile
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert proj["scripts"] == {"minidit": "minidit.cli:main"}
+    assert (ROOT / "minidit" / "__main__.py").exists()  # `python -m minidit` is the same command
+
+
+def test_removed_entry_points_stay_removed():
+    """`python -m minidit.vae|t2i|notebooks|grading` are gone: those modules have no command-line entry of their own."""
+    for module in ("vae.py", "t2i.py", "grading/notebooks.py"):
+        assert "__main__" not in (ROOT / "minidit" / module).read_text(), module
+    assert not (ROOT / "minidit" / "grading" / "__main__.py").exists()

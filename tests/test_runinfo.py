@@ -3,7 +3,6 @@
 import json
 import sys
 
-import pytest
 import torch
 
 from minidit.runinfo import command_line, machine, save_result
@@ -14,10 +13,8 @@ def test_command_line_uses_the_given_arguments_or_the_process_own(monkeypatch):
     assert cmd == "python benchmarks/x.py --quick --json o.json"
     assert command_line("python benchmarks/x.py", []) == "python benchmarks/x.py"  # [] is no arguments, not sys.argv
     monkeypatch.setattr(sys, "argv", ["x.py", "--n", "5"])
-    assert command_line("python -m minidit.vae") == "python -m minidit.vae --n 5"
+    assert command_line("python -m minidit") == "python -m minidit --n 5"
     assert command_line("minidit", ["train", "--out", "my runs/a"]) == "minidit train --out 'my runs/a'"  # quoted
-    with pytest.raises(ValueError, match="program"):
-        command_line(" ", [])
 
 
 def test_machine_records_threads_and_device():
@@ -34,5 +31,3 @@ def test_save_result_writes_json_or_nothing(tmp_path, capsys):
     out = tmp_path / "sub" / "r.json"
     save_result(out, {"a": 1})
     assert json.loads(out.read_text()) == {"a": 1} and f"wrote {out}" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="dict"):
-        save_result(out, [1, 2])

@@ -18,6 +18,7 @@ def test_nfe_sweep_writes_every_method_and_nfe(tmp_path, load_benchmark):
     load_benchmark("nfe_sweep").main(["--quick", "--steps", "3", "--n", "20", "--nfe", "1,2,5", "--threads", "1",
                             "--json", str(out), "--plot", str(tmp_path / "nfe.png")])
     res = json.loads(out.read_text())
+    assert res["ddpm_spacing"] == "trailing"  # the package's default respacing (Lin et al. 2024)
     got = {(r["method"], r["nfe"]) for r in res["rows"]}
     for nfe in (1, 2, 5):
         for method in ("ddpm-ancestral", "ddim", "rf-euler", "rf-uniform-euler"):
@@ -38,12 +39,13 @@ def test_conditioning_ablation_rows(tmp_path, load_benchmark):
     load_benchmark("conditioning_ablation").main(["--quick", "--steps", "3", "--n", "20", "--threads", "1",
                                                   "--json", str(out)])
     res = json.loads(out.read_text())
-    assert len(res["rows"]) == 8  # 4 variants × 2 seeds
+    assert len(res["rows"]) == 10  # 5 variants × 2 seeds
     for r in res["rows"]:
         assert {"variant", "params", "flops", "conditional_accuracy", "fid", "fid_floor", "seed"} <= set(r)
     params = {r["variant"]: r["params"] for r in res["rows"]}
-    assert params["adaln-zero"] > params["adaln"] > params["in-context"]
-    assert isinstance(res["ranking_holds_on_mean"], bool) and len(res["summary"]) == 4
+    assert params["adaln-zero"] == params["adaln-gated"] > params["adaln"] > params["in-context"]
+    assert isinstance(res["ranking_holds_on_mean"], bool) and len(res["summary"]) == 5
+    assert res["dit_ranking"] == ["adaln-zero", "adaln", "cross-attention", "in-context"]  # DiT has no gated row
 
 
 @pytest.mark.slow
@@ -66,6 +68,19 @@ def test_latent_vs_pixel_rows(tmp_path, load_benchmark):
     assert tokens == {"pixel-64": 64, "latent-64": 64, "pixel-16": 16, "latent-16": 16}
     for r in res["rows"]:
         assert {"conditional_accuracy", "fid", "fid_floor", "sample_seconds", "seconds_per_step"} <= set(r)
+
+
+@pytest.mark.parametrize("folder", ["nfe_quick_models", "nfe_full_models"])
+def test_committed_sweep_models_load(folder):
+    """The NFE sweep's saved models (lesson 07 samples the quick ones, the probe reads the full ones) are readable
+    checkpoints of the current format, with the training settings the probe needs."""
+    from minidit.checkpoint import load_model, read_meta
+
+    paths = sorted((ROOT / "benchmarks" / "results" / folder).glob("nfe_*.safetensors"))
+    assert {p.stem for p in paths} >= {"nfe_ddpm", "nfe_rf-lognorm"}
+    for path in paths:
+        model, train = load_model(path), read_meta(path)["train"]
+        assert model.config.in_channels == 1 and train["objective"] in ("flow", "ddpm")
 
 
 def test_denoise_probe_inverts_each_objective_exactly(load_benchmark):
@@ -106,3 +121,23 @@ def test_denoise_probe_rows(tmp_path, load_benchmark):
     assert {r["model"] for r in rows} == {"ddpm", "rf-lognorm"} and len(rows) == 10
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["follows_label"] <= 1 and r["x0_mse"] > 0
+
+
+def test_caption_faithfulness_reads_the_shipped_models(tmp_path, monkeypatch, load_benchmark):
+    """The shipped shapes models: training info from their JSON, and a tiny final evaluation (2 captions, 2 steps)
+    in which CFG leaves the conditional branch's attention weights unchanged (lesson 11's finding)."""
+    import argparse
+
+    from minidit.checkpoint import load_model
+
+    cf = load_benchmark("caption_faithfulness")
+    out = cf.final_evaluation(load_model(cf.shipped("dit")), argparse.Namespace(cfg=3.0, sample_steps=2), 2, 2, 2, 2)
+    assert set(out["faithfulness"]) == {"seen", "heldout"} and set(out["faithfulness"]["seen"]) == {"cfg_1", "cfg_3"}
+    assert all(v["max_attention_change"] < 1e-4 for v in out["cfg_attention"].values())
+    monkeypatch.setattr(cf, "final_evaluation", lambda *a: {"faithfulness": {}})
+    path = tmp_path / "cf.json"
+    assert cf.main(["--json", str(path), "--threads", "1"]) == 0
+    for backbone, r in json.loads(path.read_text())["models"].items():
+        t = r["training"]
+        assert t["source"] == f"minidit/weights/shapes_{backbone}.safetensors" and t["steps"] == 1500
+        assert t["params"] > 0 and t["final_loss"] > 0 and t["curves_by_seed"]

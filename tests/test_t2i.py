@@ -3,10 +3,12 @@
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from minidit.attention_maps import (
     attention_ratio,
@@ -19,21 +21,17 @@ from minidit.attention_maps import (
     sample_with_attention,
     token_index,
 )
-from minidit.data import CaptionedShapes, ShapeSpec, render_shapes, to_model_range
+from minidit.checkpoint import load_model, save_model
+from minidit.data import CaptionedShapes, ShapeSpec, caption_for, objects_of, render_shapes, to_model_range
 from minidit.faithfulness import evaluation_captions, faithfulness, faithfulness_report
-from minidit.flow import guided, sample
-from minidit.models import load_model
-from minidit.t2i import (
-    CrossAttnDiT,
-    TextToImage,
-    get_t2i_config,
-    heldout_captions,
-    objects_of,
-    save_shipped,
-    shapes_tensors,
-    train,
-)
-from minidit.text import Tokenizer, caption_set
+from minidit.guidance import guided
+from minidit.mmdit import MMDiT
+from minidit.models import DiT
+from minidit.pipeline import train_t2i
+from minidit.sampling import sample
+from minidit.t2i import TextToImage, generate, get_t2i_config, heldout_captions, shapes_tensors
+from minidit.text import CaptionEncoder, Tokenizer, caption_set
+from minidit.train import TrainConfig, Trainer
 
 TWO = "a small red circle on the left and a large blue square on the right"
 ONE = "a large green triangle in the center"
@@ -55,54 +53,97 @@ def randomize(model):
 @pytest.mark.parametrize("backbone", ["dit", "mmdit"])
 def test_forward_shapes_fresh_zero_and_caption_ids(backbone):
     m = tiny(backbone)
-    assert isinstance(m.backbone, CrossAttnDiT if backbone == "dit" else object)
+    assert isinstance(m.text, CaptionEncoder) and isinstance(m.backbone, DiT if backbone == "dit" else MMDiT)
+    bc = m.backbone.config
+    assert (bc.context_dim, bc.pooled_dim) == (16, 16)  # text tokens as context, their mean as the pooled vector
+    if backbone == "dit":  # every block cross-attends to the caption
+        assert all(b.cross_attn is not None for b in m.backbone.blocks)
     y = m.caption_ids([TWO, ONE, ""])
-    assert y.tolist()[2] == m.null_label == 1188 and caption_set("shapes")[int(y[0])] == TWO
+    assert y.tolist()[2] == m.null_label == m.text.null_label == 1188 and caption_set("shapes")[int(y[0])] == TWO
     out = m(torch.randn(3, 3, 16, 16), torch.rand(3), y)
     assert out.shape == (3, 3, 16, 16) and torch.equal(out, torch.zeros_like(out))  # adaLN-Zero + zero final layer
-    with pytest.raises(ValueError, match="not in the 'shapes' caption set"):
+    with pytest.raises(ValueError, match="caption set"):
         m.caption_ids(["a handwritten seven"])
-    with pytest.raises(ValueError, match=r"caption ids must be in \[0, 1188\]"):
+    with pytest.raises(ValueError, match=r"caption ids \(B,\) in \[0, 1188\]"):
         m(torch.randn(1, 3, 16, 16), torch.rand(1), torch.tensor([1189]))
+    with pytest.raises(ValueError, match="caption ids"):
+        m(torch.randn(1, 3, 16, 16), torch.rand(1), torch.randn(1, 16))  # a pooled vector is not a caption
 
 
-@pytest.mark.parametrize("backbone", ["dit", "mmdit"])
-def test_backbones_check_the_text_inputs_alike(backbone):
-    net = tiny(backbone).backbone
+def test_forward_is_the_caption_encoder_then_the_backbone():
+    m = randomize(tiny("dit"))
+    x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), m.caption_ids([TWO, ""])
+    tokens, pooled, mask = m.text(y)
+    assert torch.equal(m(x, t, y), m.backbone(x, t, pooled, tokens, mask))
+
+
+def _text_input_errors(net, x, t, pooled, ctx):
+    """The messages of a backbone's __call__ (models.check_dit_inputs) for each kind of bad text input."""
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert net(x, t, pooled, ctx, mask).shape == x.shape
+    empty = mask.clone()
+    empty[1] = False
+    cases = {"context width": (pooled, torch.randn(2, 5, 7), None), "context batch": (pooled, ctx[:1], None),
+             "pooled": (torch.randn(3, 16), ctx, None), "label instead of pooled": (torch.tensor([1, 2]), ctx, None),
+             "no context": (pooled, None, None), "float mask": (pooled, ctx, mask.float()),
+             "mask length": (pooled, ctx, mask[:, :4]), "empty row": (pooled, ctx, empty)}
+    messages = {}
+    for name, args in cases.items():
+        with pytest.raises(ValueError) as err:
+            net(x, t, *args)
+        messages[name] = str(err.value)
+    return messages
+
+
+def test_backbones_check_the_text_inputs_alike():
+    """DiT and MMDiT check their text inputs in one place (models.check_dit_inputs): the same errors, word for word."""
     x, t, ctx, pooled = torch.randn(2, 3, 16, 16), torch.rand(2), torch.randn(2, 5, 16), torch.randn(2, 16)
-    assert net(x, t, ctx, pooled, torch.ones(2, 5, dtype=torch.bool)).shape == x.shape
-    for bad, match in [((torch.randn(2, 5, 7), pooled, None), "context must be"),
-                       ((ctx, torch.randn(3, 16), None), "pooled must be"),
-                       ((ctx, pooled, torch.ones(2, 5)), "context_mask must be bool")]:
-        with pytest.raises(ValueError, match=match):
-            net(x, t, *bad)
+    dit, mmdit = (_text_input_errors(tiny(b).backbone, x, t, pooled, ctx) for b in ("dit", "mmdit"))
+    assert dit == mmdit
+    for name, match in [("context width", "context must be"), ("context batch", "context must be"),
+                        ("pooled", "pooled text vector"), ("label instead of pooled", "pooled text vector"),
+                        ("no context", "needs context tokens"), ("float mask", "context_mask must be bool"),
+                        ("mask length", "context_mask must be bool"), ("empty row", "at least one True")]:
+        assert re.search(match, dit[name]), (name, dit[name])
 
 
 @pytest.mark.parametrize("backbone", ["dit", "mmdit"])
-def test_the_caption_reaches_the_output_and_dropout_is_the_null_caption(backbone):
+def test_the_caption_reaches_the_output_and_the_model_never_drops_it(backbone):
     m = randomize(tiny(backbone))
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     y = m.caption_ids([TWO, ONE])
     out = m(x, t, y)
     other = m.caption_ids([TWO.replace("red", "purple"), ONE.replace("green", "white")])
     assert not torch.allclose(m(x, t, other), out, atol=1e-4)  # one word changes the prediction
-    null = torch.full_like(y, m.null_label)
-    m.train()
-    dropped = m(x, t, y, drop_mask=torch.tensor([True, False]))
-    m.eval()
-    assert torch.allclose(dropped[0], m(x, t, null)[0], atol=1e-6) and torch.allclose(dropped[1], out[1], atol=1e-6)
-    # eval mode never drops; training mode drops about class_dropout of the captions
+    assert not torch.allclose(m(x, t, torch.full_like(y, m.null_label)), out, atol=1e-4)
+    m.train()  # caption dropout is the Trainer's job: the model itself is deterministic in training mode too
     assert torch.equal(m(x, t, y), out)
-    m.train()
-    yy = y.repeat(200)
-    ids = m.encode_text(yy)[2].sum(1)  # real-token count: 1 for the null caption
-    assert 0.04 < (ids == 1).float().mean() < 0.2
+
+
+@pytest.mark.parametrize("backbone", ["dit", "mmdit"])
+def test_trainer_drops_captions_to_the_null_caption(backbone):
+    """The Trainer replaces a label_dropout share of the caption ids by the null caption ("" = only <start>)."""
+    m = tiny(backbone)
+    images, y = torch.randn(64, 3, 16, 16), torch.randint(0, m.null_label, (64,))
+    trainer = Trainer(m, images, y, TrainConfig(batch_size=64, label_dropout=0.3, seed=3))
+    seen = []
+    m.text.register_forward_hook(lambda mod, args, out: seen.append((args[0], out[2])))  # (ids, text mask)
+    b = trainer.batch(0)
+    trainer.loss(b)
+    (ids, mask), = seen
+    drop = b["drop"]
+    assert 0 < int(drop.sum()) < 64
+    assert torch.equal(ids, torch.where(drop, m.null_label, b["y"]))
+    assert (mask[drop].sum(1) == 1).all() and (mask[~drop].sum(1) > 1).all()  # dropped = the single <start> token
+    share = torch.cat([trainer.host_batch(s)["drop"] for s in range(40)]).float().mean()
+    assert 0.25 < float(share) < 0.35
 
 
 def test_null_caption_is_a_single_start_token():
     m = tiny("mmdit")
     tok = Tokenizer()
-    assert m.caption_mask[m.null_label].sum() == 1 and m.caption_tokens[m.null_label, 0] == tok.index["<start>"]
+    assert m.text.caption_mask[m.null_label].sum() == 1
+    assert m.text.caption_tokens[m.null_label, 0] == tok.index["<start>"]
 
 
 @pytest.mark.parametrize("backbone", ["dit", "mmdit"])
@@ -114,16 +155,17 @@ def test_cfg_uses_the_null_caption(backbone):
     assert torch.allclose(guided(m, y, 4.0)(x, t), uncond + 4.0 * (cond - uncond), atol=1e-5)
     imgs = sample(m, y, steps=2, cfg_scale=3.0, generator=torch.Generator().manual_seed(0))
     assert imgs.shape == (2, 3, 16, 16) and torch.isfinite(imgs).all()
+    shown = generate(m, [TWO, ONE], steps=2, cfg_scale=3.0, seed=0)  # the same samples, clamped to [-1, 1]
+    assert torch.equal(shown, imgs.clamp(-1, 1))
 
 
-@pytest.mark.slow
 def test_trainer_trains_and_checkpoints_round_trip(tmp_path):
     cfg = get_t2i_config("shapes-mmdit", input_size=16, patch_size=4, dim=32, depth=2, num_heads=2, text_dim=16,
                          text_depth=1, text_heads=2)
-    trainer = train(cfg, steps=30, batch_size=8, lr=2e-3, n_images=120, progress=False)
+    trainer = train_t2i(cfg, steps=30, batch_size=8, lr=2e-3, n_images=120, progress=False)
     losses = [h["loss"] for h in trainer.history]
     assert losses[-1] < losses[0]
-    path = save_shipped(tmp_path / "t2i.safetensors", trainer, command="test")
+    path = save_model(tmp_path / "t2i.safetensors", trainer.ema, half=True, command="test")
     loaded = load_model(path)
     assert isinstance(loaded, TextToImage) and loaded.config == cfg
     x, t, y = torch.randn(2, 3, 16, 16), torch.rand(2), loaded.caption_ids([TWO, ONE])
@@ -133,16 +175,27 @@ def test_trainer_trains_and_checkpoints_round_trip(tmp_path):
     assert next(loaded.parameters()).dtype == torch.float32
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["dit", "mmdit"])
-def test_shipped_checkpoint_is_small_reproducible_and_faithful(backbone):
-    """The weights notebooks 09-11 load: fp16, a few MB, made by the package's own command, and they follow captions."""
+def test_shipped_checkpoint_loads_is_small_and_made_by_the_package(backbone):
+    """The weights notebooks 09-11 load: fp16, a few MB, made by the package's own command."""
     path = Path(__file__).resolve().parents[1] / "minidit" / "weights" / f"shapes_{backbone}.safetensors"
     assert path.stat().st_size < 8_000_000
     meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["command"].startswith(f"python -m minidit.t2i train --config shapes-{backbone} ")
+    assert meta["command"].startswith(f"minidit t2i --config shapes-{backbone} ")
     model = load_model(path)
     assert isinstance(model, TextToImage) and model.config == get_t2i_config(f"shapes-{backbone}")
+    assert isinstance(model.backbone, DiT if backbone == "dit" else MMDiT) and not model.training
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    y = model.caption_ids([TWO, ""])
+    out = model(torch.randn(2, 3, 32, 32), torch.full((2,), 0.5), y)
+    assert torch.isfinite(out).all() and not torch.allclose(out[0], out[1], atol=1e-3)  # the caption matters
+
+
+@pytest.mark.parametrize("backbone", ["dit", "mmdit"])
+def test_shipped_checkpoint_is_faithful(backbone):
+    """The shipped models follow seen and held-out captions (the checker below)."""
+    model = load_model(Path(__file__).resolve().parents[1] / "minidit" / "weights" / f"shapes_{backbone}.safetensors")
     report = faithfulness_report(model, evaluation_captions(8, 4, seed=11), scales=(3.0,), steps=20)
     assert report["seen"]["cfg_3"]["all"] >= 0.75 and report["heldout"]["cfg_3"]["all"] >= 0.5, report
 
@@ -199,8 +252,6 @@ def test_checker_two_objects_each_judged_in_its_own_window():
 
 def test_objects_of_inverts_captions():
     caps = caption_set("shapes")
-    from minidit.data import caption_for
-
     assert all(caption_for(objects_of(c)) == c for c in caps[::37])
     with pytest.raises(ValueError, match="not a captioned-shapes caption"):
         objects_of("a handwritten seven")

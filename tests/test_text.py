@@ -4,7 +4,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from minidit.data import CaptionedShapes
-from minidit.text import PAD, START, TextEncoder, TextEncoderLayer, Tokenizer, caption_set, course_vocabulary
+from minidit.text import (
+    PAD,
+    START,
+    CaptionEncoder,
+    TextEncoder,
+    TextEncoderLayer,
+    Tokenizer,
+    caption_set,
+    course_vocabulary,
+)
 
 
 def test_shapes_caption_set_is_the_whole_grammar():
@@ -90,3 +99,32 @@ def test_text_encoder_validates_inputs():
         enc(torch.zeros(1, 5, dtype=torch.long), torch.ones(1, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="mask must be bool"):
         enc(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3))
+
+
+# ---- the caption encoder: the text conditioner of text-to-image ------------------------------------------------
+def test_caption_encoder_ids_and_the_null_caption():
+    caps = caption_set("mnist")
+    enc = CaptionEncoder(caps, dim=16, depth=1, num_heads=2)
+    assert enc.null_label == 10 and enc.ids(["a handwritten seven", "", caps[0]]).tolist() == [7, 10, 0]
+    tok = Tokenizer()
+    ids, mask = enc.caption_tokens, enc.caption_mask  # (11, 16): one row per caption, the null caption last
+    assert torch.equal(ids, tok.encode([*caps, ""])[0]) and torch.equal(mask, tok.encode([*caps, ""])[1])
+    assert mask[enc.null_label].sum() == 1 and ids[enc.null_label, 0] == tok.index[START]  # only <start>
+    assert set(enc.state_dict()) == {f"encoder.{k}" for k in enc.encoder.state_dict()}  # ids are rebuilt, not saved
+    with pytest.raises(ValueError, match="caption set"):
+        enc.ids(["a small red circle in the center"])  # a real caption, but not of this set
+    with pytest.raises(ValueError, match="list of captions"):
+        enc.ids("a handwritten seven")
+
+
+def test_caption_encoder_is_the_text_encoder_on_the_tokenized_captions():
+    caps = caption_set("shapes")
+    enc = CaptionEncoder(caps, dim=16, depth=2, num_heads=4).eval()
+    picked = [caps[3], caps[-1], ""]
+    y = enc.ids(picked)
+    tokens, pooled, mask = enc(y)
+    ids, want_mask = Tokenizer().encode(picked)
+    want_tokens, want_pooled = enc.encoder(ids, want_mask)
+    assert torch.equal(mask, want_mask) and mask.sum(1).tolist() == [len(caps[3].split()) + 1, 16, 1]
+    assert torch.allclose(tokens, want_tokens, atol=1e-6) and torch.allclose(pooled, want_pooled, atol=1e-6)
+    assert torch.allclose(pooled[2], tokens[2, 0], atol=1e-6)  # the null caption pools its single <start> state

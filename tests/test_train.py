@@ -1,16 +1,22 @@
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
 import torch
 
+from minidit.checkpoint import CheckpointError, load_checkpoint
 from minidit.data import mnist_tensors
+from minidit.guidance import drop_labels
+from minidit.metrics import MnistClassifier
 from minidit.models import DiT, get_config
-from minidit.train import TrainConfig, Trainer, native_bf16
+from minidit.train import OBJECTIVES, TrainConfig, Trainer, native_bf16
+from minidit.vae import VAE, VAEConfig
 
 CFG = TrainConfig(steps=6, batch_size=16, lr=1e-3, warmup_steps=2, ema_decay=0.9, log_every=1, seed=3)
+TINY_VAE = VAEConfig(factor=4, latent_channels=2, base_channels=8, max_channels=16)
 
 
 def small_data(n=64):
@@ -18,16 +24,26 @@ def small_data(n=64):
     return x[:: 4000 // n][:n], y[:: 4000 // n][:n]
 
 
-def make_trainer(cfg=CFG, **kw):
+def make_model(objective="flow"):
     torch.manual_seed(0)
-    return Trainer(DiT(get_config("mnist-tiny")), *small_data(), cfg, **kw)
+    if objective == "vae":
+        return VAE(TINY_VAE)
+    if objective == "classifier":
+        return MnistClassifier()
+    return DiT(get_config("mnist-tiny"))
+
+
+def make_trainer(cfg=CFG, n=64, **kw):
+    x, y = small_data(n)
+    model = make_model(cfg.objective)
+    return Trainer(model, x, None if cfg.objective == "vae" else y, cfg, **kw)
 
 
 def params(m):
     return [p.detach().clone() for p in m.state_dict().values()]
 
 
-@pytest.mark.parametrize("objective", ["flow", "ddpm"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, objective):
     cfg = replace(CFG, objective=objective)
     full = make_trainer(cfg).run(progress=False)
@@ -50,22 +66,83 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, objective):
 def test_batches_drawn_ahead_by_a_helper_thread_change_nothing(tmp_path):
     """The GPU path draws step s+1's batch in a thread during step s: same batches, same run; a resumed trainer
     whose drawn-ahead batch is for another step draws its own."""
-    from concurrent.futures import ThreadPoolExecutor
-
     inline = make_trainer().run(progress=False)
     ahead = make_trainer()
-    ahead._pool = ThreadPoolExecutor(max_workers=1)  # what a CUDA device gets
+    ahead.pool = ThreadPoolExecutor(max_workers=1)  # what a CUDA device gets
     ahead.run(steps=3, progress=False, checkpoint_path=tmp_path / "s.safetensors")
-    assert ahead._next is not None and ahead._next[0] == 3
+    assert ahead.next_batch is not None and ahead.next_batch[0] == 3
     ahead.step = 1  # as after loading an older checkpoint: the batch drawn for step 3 must not be used for step 1
-    assert torch.equal(ahead.batch(1)["noise"], inline.batch(1)["noise"]) and ahead._next is None
+    assert torch.equal(ahead.batch(1)["noise"], inline.batch(1)["noise"]) and ahead.next_batch is None
     ahead.load(tmp_path / "s.safetensors").run(progress=False)
     assert [h["loss"] for h in ahead.history] == [h["loss"] for h in inline.history]
     for a, b in zip(params(inline.model) + params(inline.ema), params(ahead.model) + params(ahead.ema)):
         assert torch.equal(a, b)
 
 
-def test_ema_warmup_and_update():
+# ---- label dropout for classifier-free guidance: drawn by the Trainer ------------------------------------------
+def test_label_dropout_mask_is_a_function_of_seed_and_step():
+    tr = make_trainer(replace(CFG, batch_size=64, label_dropout=0.25))
+    drops = torch.stack([tr.host_batch(s)["drop"] for s in range(200)])  # (200, 64)
+    assert drops.dtype == torch.bool and abs(drops.float().mean().item() - 0.25) < 0.02
+    again = make_trainer(replace(CFG, batch_size=64, label_dropout=0.25))
+    assert all(torch.equal(again.host_batch(s)["drop"], drops[s]) for s in (0, 7, 199))
+    other_seed = make_trainer(replace(CFG, batch_size=64, label_dropout=0.25, seed=4))
+    assert not torch.equal(other_seed.host_batch(0)["drop"], drops[0])
+    assert not make_trainer(replace(CFG, label_dropout=0.0)).host_batch(0)["drop"].any()
+
+
+@pytest.mark.parametrize("objective", ["flow", "ddpm"])
+def test_trainer_feeds_the_model_the_labels_with_the_dropped_ones_nulled(objective):
+    tr = make_trainer(replace(CFG, objective=objective, batch_size=64, label_dropout=0.5))
+    seen = []
+    tr.model.register_forward_pre_hook(lambda m, args: seen.append(args[2]))
+    b = tr.batch(5)
+    assert b["drop"].any() and not b["drop"].all()
+    tr.loss(b)
+    assert torch.equal(seen[0], drop_labels(b["y"], b["drop"], 10))
+    assert (seen[0][b["drop"]] == 10).all() and torch.equal(seen[0][~b["drop"]], b["y"][~b["drop"]])
+
+
+def test_no_label_dropout_for_the_vae_and_the_classifier():
+    tr = make_trainer(replace(CFG, objective="classifier", batch_size=64, label_dropout=0.5))
+    b = tr.batch(0)
+    assert b["drop"].any()
+    logits = tr.model(b["x0"])  # the classifier's loss uses the true labels, whatever the mask says
+    assert (b["y"] < 10).all() and logits.shape == (64, 10)
+
+
+# ---- the other objectives -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("objective,steps,ratio", [("flow", 120, 0.75), ("vae", 40, 0.5), ("classifier", 40, 0.8)])
+def test_loss_goes_down_on_real_digits(objective, steps, ratio):
+    cfg = replace(CFG, objective=objective, steps=steps, batch_size=32, lr=2e-3, log_every=1, warmup_steps=5)
+    tr = make_trainer(cfg, n=256).run(progress=False)
+    first = sum(h["loss"] for h in tr.history[:10]) / 10
+    last = sum(h["loss"] for h in tr.history[-10:]) / 10
+    assert last < ratio * first, (first, last)
+
+
+def test_vae_objective_is_the_vae_loss_with_the_steps_noise():
+    from minidit.vae import vae_loss
+
+    tr = make_trainer(replace(CFG, objective="vae"))
+    b = tr.batch(2)
+    assert b["noise"].shape == (16, *TINY_VAE.latent_shape)
+    assert torch.equal(tr.loss(b), vae_loss(tr.model, b["x0"], b["noise"])["loss"])
+
+
+def test_classifier_objective_is_cross_entropy_on_augmented_digits():
+    import torch.nn.functional as F
+
+    from minidit.metrics import random_affine
+
+    tr = make_trainer(replace(CFG, objective="classifier", label_smoothing=0.1))
+    b = tr.batch(1)
+    assert b["affine"].shape == (16, 4) and "noise" not in b
+    want = F.cross_entropy(tr.model(random_affine(b["x0"], b["affine"])), b["y"], label_smoothing=0.1)
+    assert torch.allclose(tr.loss(b), want)
+
+
+def test_ema_warmup_and_update_copies_buffers():
     tr = make_trainer()
     before = params(tr.ema)
     tr.train_step()
@@ -73,20 +150,18 @@ def test_ema_warmup_and_update():
     # first update: decay = min(0.9, 1/10) = 0.1 ⇒ ema = 0.1·old + 0.9·new
     for old, new, m in zip(before, after_ema, model):
         assert torch.allclose(new, 0.1 * old + 0.9 * m, atol=1e-6)
+    clf = make_trainer(replace(CFG, objective="classifier"))
+    clf.train_step()
+    bn = "body.1.running_mean"
+    assert not torch.equal(clf.model.state_dict()[bn], torch.zeros(32))
+    assert torch.equal(clf.ema.state_dict()[bn], clf.model.state_dict()[bn])  # buffers copied, not averaged
 
 
 def test_lr_warmup_and_cosine():
     tr = make_trainer(replace(CFG, steps=100, warmup_steps=10, lr_schedule="cosine", lr_min_ratio=0.1))
     assert tr.lr_at(0) == pytest.approx(1e-4) and tr.lr_at(9) == pytest.approx(1e-3)
     assert tr.lr_at(10) == pytest.approx(1e-3) and tr.lr_at(100) == pytest.approx(1e-4)
-
-
-def test_loss_goes_down_on_real_digits():
-    cfg = replace(CFG, steps=120, batch_size=32, lr=2e-3, log_every=1)
-    tr = Trainer(DiT(get_config("mnist-tiny")), *small_data(256), cfg).run(progress=False)
-    first = sum(h["loss"] for h in tr.history[:10]) / 10
-    last = sum(h["loss"] for h in tr.history[-10:]) / 10
-    assert last < 0.75 * first, (first, last)
+    assert tr.lr_at(55) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # halfway through the decay: cos = 0
 
 
 def test_nan_loss_is_reported():
@@ -99,12 +174,15 @@ def test_bad_data_and_configs():
     x, y = small_data()
     x = x.clone()
     x[0, 0, 0, 0] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"need finite images \(N, C, H, W\)"):
         Trainer(DiT(get_config("mnist-tiny")), x, y, CFG)
-    with pytest.raises(ValueError, match="larger than the dataset"):
+    with pytest.raises(ValueError, match=r"labels \(N,\), got \(64, 1, 28, 28\), \(3,\)"):
+        Trainer(DiT(get_config("mnist-tiny")), small_data()[0], y[:3], CFG)
+    with pytest.raises(ValueError, match="batch_size 1000 .* at most the dataset's 64 images"):
         Trainer(DiT(get_config("mnist-tiny")), *small_data(), replace(CFG, batch_size=1000))
-    for bad in (dict(lr=0), dict(objective="score"), dict(ema_decay=1.0), dict(steps=0)):
-        with pytest.raises(ValueError, match="invalid TrainConfig"):
+    for bad in (dict(lr=0), dict(objective="score"), dict(ema_decay=1.0), dict(steps=0), dict(label_dropout=1.0),
+                dict(label_dropout=-0.1), dict(t_sampling="beta"), dict(ddpm_schedule="sqrt")):
+        with pytest.raises(ValueError, match=f"invalid TrainConfig: {next(iter(bad))}="):
             TrainConfig(**bad)
 
 
@@ -114,7 +192,7 @@ def test_gradients_are_freed_at_the_end_of_every_step():
     tr.train_step()
     assert all(p.grad is None for p in tr.model.parameters())
     code = ("import torch; from minidit.models import DiT, get_config; from minidit.train import TrainConfig, Trainer; "
-            "from minidit.cost import peak_memory_bytes; torch.manual_seed(0); "
+            "from minidit.variants.speed import peak_memory_bytes; torch.manual_seed(0); "
             "tr = Trainer(DiT(get_config('mnist-tiny')), torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,)), "
             "TrainConfig(steps=9, batch_size=8)); tr.train_step(); print(peak_memory_bytes(tr.train_step))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -159,13 +237,21 @@ def test_bf16_setting_is_checked():
         TrainConfig(bf16="yes")
 
 
-def test_resume_rejects_other_config(tmp_path):
-    make_trainer().run(steps=1, progress=False, checkpoint_path=tmp_path / "s.safetensors")
+def test_resume_refuses_another_model_config_objective_or_seed(tmp_path):
+    path = tmp_path / "s.safetensors"
+    make_trainer().run(steps=1, progress=False, checkpoint_path=path)
     other = Trainer(DiT(get_config("mnist-tiny", depth=3)), *small_data(), CFG)
-    from minidit.checkpoint import CheckpointError
-
     with pytest.raises(CheckpointError, match="trained with config"):
-        other.load(tmp_path / "s.safetensors")
+        other.load(path)
+    with pytest.raises(CheckpointError, match="trained with model DiT, this run has MnistClassifier"):
+        Trainer(MnistClassifier(), *small_data(), replace(CFG, objective="classifier")).load(path)
+    with pytest.raises(CheckpointError, match="objective 'flow' and seed 3, this run has 'ddpm' and 3"):
+        make_trainer(replace(CFG, objective="ddpm")).load(path)
+    with pytest.raises(CheckpointError, match="seed 3, this run has 'flow' and 4"):
+        make_trainer(replace(CFG, seed=4)).load(path)
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        make_trainer().load(tmp_path / "missing.safetensors")
+    make_trainer(replace(CFG, lr=5e-4)).load(path)  # other optimisation settings may change on resume
 
 
 DDP_SCRIPT = r"""
@@ -173,14 +259,15 @@ import sys, torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_train import make_trainer, CFG
-from minidit.models import save_model
 tr = make_trainer(CFG).run(progress=False, checkpoint_path={ckpt!r})
 """
 
 
 @pytest.mark.slow
 def test_torchrun_ddp_equals_single_process(tmp_path):
-    """2 CPU processes (gloo) on the same global batch reach the same weights as one process."""
+    """2 CPU processes (gloo) on the same global batch reach the same weights as one process — label dropout
+    included: each process takes its slice of the same mask."""
+    assert CFG.label_dropout > 0
     script = tmp_path / "ddp.py"
     ckpt = str(tmp_path / "ddp.safetensors")
     script.write_text(DDP_SCRIPT.format(tests=os.path.dirname(__file__), ckpt=ckpt))
@@ -189,8 +276,6 @@ def test_torchrun_ddp_equals_single_process(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     single = make_trainer(CFG).run(progress=False)
-    from minidit.checkpoint import load_checkpoint
-
     tensors, meta = load_checkpoint(ckpt, kind="train-state")
     assert meta["step"] == CFG.steps
     for k, v in single.model.state_dict().items():

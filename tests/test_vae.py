@@ -9,18 +9,21 @@ import torch.nn.functional as F
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as torch_kl
 
+from minidit.checkpoint import CheckpointError, weights_path
+from minidit.cli import vae_dataset
+from minidit.pipeline import train_vae
 from minidit.vae import (
     VAE,
     VAEConfig,
     compute_scale,
+    evaluate_vae,
     kl_divergence,
     load_vae,
     psnr,
+    reconstruct,
     reparameterize,
     save_vae,
-    train_vae,
     vae_loss,
-    weights_path,
 )
 
 TINY = dict(base_channels=8, max_channels=16)
@@ -72,14 +75,17 @@ def test_shapes_and_padding(factor, grid):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="factor"):
+    with pytest.raises(ValueError, match="factor=3"):
         VAEConfig(factor=3)
     with pytest.raises(ValueError, match="factor"):
         VAEConfig(pad=0, factor=8)  # 28 is not divisible by 8
     with pytest.raises(ValueError, match="kl_weight"):
         VAEConfig(kl_weight=-1)
-    with pytest.raises(ValueError, match="images"):
-        VAE(VAEConfig(**TINY)).encode(torch.zeros(2, 1, 32, 32))
+    vae = VAE(VAEConfig(**TINY))
+    with pytest.raises(ValueError, match=r"the VAE's images are \(B, 1, 28, 28\), got torch.float32 \(2, 1, 32, 32\)"):
+        vae.encode(torch.zeros(2, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"the VAE's latents are \(B, 4, 8, 8\), got torch.float32 \(2, 4, 4, 4\)"):
+        vae.decode(torch.zeros(2, 4, 4, 4))
 
 
 def test_loss_is_mse_plus_weighted_kl_per_pixel():
@@ -91,7 +97,11 @@ def test_loss_is_mse_plus_weighted_kl_per_pixel():
     recon = vae.decode(mean + (0.5 * logvar).exp() * noise)
     kl = (0.5 * (mean**2 + logvar.exp() - 1 - logvar)).flatten(1).sum(1).mean()
     assert out["mse"].item() == pytest.approx(F.mse_loss(recon, x).item(), rel=1e-5)
+    assert out["kl"].item() == pytest.approx(kl.item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx((F.mse_loss(recon, x) + 0.01 * kl / 784).item(), rel=1e-5)
+    # an explicit kl_weight (what the Trainer passes when the VAE is wrapped) replaces the config's
+    other = vae_loss(vae, x, noise, kl_weight=1.0)["loss"]
+    assert other.item() == pytest.approx((F.mse_loss(recon, x) + kl / 784).item(), rel=1e-5)
 
 
 def test_scale_makes_the_training_latents_unit_std():
@@ -112,15 +122,22 @@ def test_training_reduces_reconstruction_error_and_checkpoints_round_trip(tmp_pa
 
     x = mnist_tensors("test")[0][::16]  # 63 real digits
     cfg = VAEConfig(factor=4, latent_channels=2, **TINY)
-    untrained = F.mse_loss(VAE(cfg).eval().decode(VAE(cfg).encode(x)[0]), x).item()
+    torch.manual_seed(0)
+    untrained = F.mse_loss(reconstruct(VAE(cfg), x), x).item()
     vae, info = train_vae(cfg, x, steps=60, batch_size=32, lr=3e-3, progress=False)
-    assert info["final_mse"] < 0.6 * untrained
+    assert not vae.training
+    assert F.mse_loss(reconstruct(vae, x), x).item() < 0.6 * untrained
+    assert info["steps"] == 60 and info["train_images"] == 63 and info["final_loss"] > 0
+    assert info["scale"] == pytest.approx(vae.scale.item()) and info["posterior_std"] > 0
+    assert vae.encode_latents(x).std().item() == pytest.approx(1.0, rel=1e-3)  # the scale is set after training
     save_vae(tmp_path / "v.safetensors", vae, info)
     meta = json.loads((tmp_path / "v.json").read_text())
     assert meta["kind"] == "vae" and meta["config"]["factor"] == 4
     again = load_vae(tmp_path / "v.safetensors")
     assert again.scale.item() == vae.scale.item()  # the scale travels with the weights, in fp32
     assert torch.allclose(again.encode(x)[0], vae.encode(x)[0], atol=2e-2)  # fp16 weights
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_vae(tmp_path / "missing.safetensors")
 
 
 def test_psnr():
@@ -135,11 +152,13 @@ SHIPPED = ["vae_mnist_f4c4", "vae_shapes_f4c4"]
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_vae_reconstructs_held_out_images_at_its_stated_psnr(name):
-    from minidit.vae import reconstruct, vae_dataset
-
     meta = json.loads(weights_path(name).with_suffix(".json").read_text())
     vae = load_vae(name)
-    x, _ = vae_dataset(meta["dataset"], "test")
+    x, labels = vae_dataset(meta["dataset"], "test")
     got = psnr(reconstruct(vae, x), x)
     assert got == pytest.approx(meta["held_out"]["psnr"], abs=0.05)
     assert weights_path(name).stat().st_size < 3e6
+    if name == "vae_mnist_f4c4":  # the digits stay readable: the classifier's accuracy barely drops
+        m = evaluate_vae(vae, x, labels)
+        assert m["psnr"] == pytest.approx(got) and m["values_kept"] == 4 * 8 * 8 and m["pixels"] == 784
+        assert m["classifier_accuracy_reconstructed"] > m["classifier_accuracy_original"] - 0.02

@@ -1,4 +1,4 @@
-"""A2 — the adaLN-Zero DiT block: `modulate`, `Mlp`, `DiTBlock`, checked against `minidit.blocks`.
+"""A2 — the adaLN-Zero DiT block: `modulate`, `Mlp`, `DiTBlock`, checked against `minidit.models`.
 
 The notebook fixes the attribute names (norm1, attn, norm2, mlp.fc1/act/fc2, adaLN_modulation = SiLU → Linear)
 so that the package block's weights load into the student's block and the outputs can be compared exactly.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from minidit import blocks
+from minidit import models
 from minidit.grading.checks import Check, randn, randomize_
 
 NAME = "A2_adaln_zero"
@@ -23,8 +23,8 @@ def _modulate_cases(modulate) -> list:
             modulate(randn(4, 3, 3, 4), randn(5, 3, 4), randn(6, 3, 4))]
 
 
-def _reference_mlp() -> blocks.Mlp:
-    return randomize_(blocks.Mlp(D, 4 * D), seed=10)
+def _reference_mlp() -> models.Mlp:
+    return randomize_(models.Mlp(D, 4 * D), seed=10)
 
 
 def _mlp_probe(Mlp) -> torch.Tensor:
@@ -33,8 +33,8 @@ def _mlp_probe(Mlp) -> torch.Tensor:
     return m(3 * randn(11, B, T, D))  # large inputs: tanh-GELU and exact GELU differ by ~1e-3 here
 
 
-def _reference_block(seed: int | None) -> blocks.DiTBlock:
-    block = blocks.DiTBlock(D, H)
+def _reference_block(seed: int | None) -> models.DiTBlock:
+    block = models.DiTBlock(D, H)
     return block if seed is None else randomize_(block, seed)
 
 
@@ -90,11 +90,11 @@ def _norms(DiTBlock) -> list:
 
 CHECKS = [
     Check("modulate: x·(1 + scale) + shift, broadcast over the tokens", points=1,
-          probe=_modulate_cases, expect=lambda: _modulate_cases(blocks.modulate)),
-    Check("Mlp: fc1 → tanh-GELU → fc2 (same output as minidit.blocks.Mlp with the same weights)", points=1,
+          probe=_modulate_cases, expect=lambda: _modulate_cases(models.modulate)),
+    Check("Mlp: fc1 → tanh-GELU → fc2 (same output as minidit.models.Mlp with the same weights)", points=1,
           probe=_mlp_probe, expect=lambda: _reference_mlp()(3 * randn(11, B, T, D))),
-    Check("DiTBlock: parameter names and shapes match minidit.blocks.DiTBlock (non-affine LayerNorms)", points=1,
-          probe=_state_keys, expect=lambda: _state_keys(blocks.DiTBlock)),
+    Check("DiTBlock: parameter names and shapes match minidit.models.DiTBlock (non-affine LayerNorms)", points=1,
+          probe=_state_keys, expect=lambda: _state_keys(models.DiTBlock)),
     Check("DiTBlock: LayerNorms without affine parameters, eps = 1e-6", points=1,
           probe=_norms, expect=lambda: [[False, 1e-6], [False, 1e-6]], atol=1e-12, rtol=0),
     Check("DiTBlock: a freshly initialised block is the identity (adaLN-Zero)", points=2,

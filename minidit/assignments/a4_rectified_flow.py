@@ -1,7 +1,8 @@
 """A4 — rectified flow: interpolation, the velocity loss, an Euler sampler (t = 1 → 0) and one-forward CFG.
 
-References: `minidit.flow` (interpolate, euler_sample, guided's formula). The checks use `ToyVelocity`, a small
-fixed network v(x, t, y) with 4 channels, so that guiding only some channels or flipping time shows up.
+References: `minidit.flow` (interpolate, euler_sample) and the CFG formula of `minidit.guidance.guided`. The checks
+use `ToyVelocity`, a small fixed network v(x, t, y) with 4 channels, so that guiding only some channels or flipping
+time shows up.
 """
 
 from __future__ import annotations

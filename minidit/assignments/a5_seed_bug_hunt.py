@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from minidit import blocks
+from minidit import models
 from minidit.grading.checks import Check, randn, randomize_
 
 NAME = "A5_seed_bug_hunt"
@@ -21,7 +21,7 @@ TITLE = "The seed bug hunt: fix the seed's DiTBlock"
 D, HEADS, CTX, B, N, L = 32, 4, 24, 2, 6, 5
 
 
-def seed_layout_state_dict(pkg: blocks.DiTBlock, block: nn.Module) -> dict[str, torch.Tensor]:
+def seed_layout_state_dict(pkg: models.DiTBlock, block: nn.Module) -> dict[str, torch.Tensor]:
     """The package DiTBlock's weights under the fixed seed block's names (nn.MultiheadAttention layout)."""
     s = pkg.state_dict()
     out = {
@@ -44,8 +44,8 @@ def seed_layout_state_dict(pkg: blocks.DiTBlock, block: nn.Module) -> dict[str, 
     return out
 
 
-def _package(context_dim: int | None, seed: int | None) -> blocks.DiTBlock:
-    block = blocks.DiTBlock(D, HEADS, context_dim=context_dim)
+def _package(context_dim: int | None, seed: int | None) -> models.DiTBlock:
+    block = models.DiTBlock(D, HEADS, context_dim=context_dim)
     return block if seed is None else randomize_(block, seed)
 
 

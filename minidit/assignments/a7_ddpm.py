@@ -1,7 +1,8 @@
 """A7 — DDPM: the noise schedule ᾱ, forward noising q_sample, one DDIM step and a DDIM sampler.
 
-References: `minidit.ddpm` (DDPMSchedule, q_sample, ddpm_sample with method='ddim', clip_x0=False). Time runs as in
-the package: integer steps k = 0 … T−1, k = 0 the least noisy, and the network sees t = k / T.
+References: `minidit.ddpm` (DDPMSchedule, q_sample, ddpm_solve with method='ddim', clip_x0=False on DDIM's original
+'linspace' steps). Time runs as in the package: integer steps k = 0 … T−1, k = 0 the least noisy, and the network
+sees t = k / T.
 The checks use `ToyEps`, a small fixed ε-network, and steps where ᾱ is far from 0 and 1, so that confusing √ᾱ with
 ᾱ, β with ᾱ, or the direction of time shows up.
 """
@@ -34,9 +35,8 @@ class ToyEps(nn.Module):
         self.mix = nn.Parameter(torch.randn(C, C, generator=g) / C**0.5)
         self.time = nn.Parameter(torch.randn(C, generator=g))
         self.label = nn.Parameter(0.3 * torch.randn(4, C, generator=g))
-        self.config = type("Config", (), {"in_channels": C, "input_size": S})()  # what ddpm_sample reads
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = torch.einsum("oc,bchw->bohw", self.mix, x)  # (B, C, S, S)
         tb = t.reshape(-1, 1, 1, 1)
         return torch.tanh(h) * (0.5 + tb * self.time.reshape(1, C, 1, 1)) + self.label[y].reshape(-1, C, 1, 1)
@@ -89,15 +89,16 @@ def _step_cases():
 def _ddim_sample_probe(ddim_sample) -> list:
     out = []
     for steps in (1, 4):
-        ks = ddpm.respaced_steps(ddpm.DDPMSchedule("linear", T), steps)
+        ks = ddpm.respaced_steps(ddpm.DDPMSchedule("linear", T), steps, spacing="linspace")  # 999 … 0
         out.append(ddim_sample(ToyEps(), _abar(), randn(9, B, C, S, S), torch.tensor([0, 1, 2]), ks))
     return out
 
 
+@torch.no_grad()
 def _ddim_sample_expect() -> list:
-    sched = ddpm.DDPMSchedule("linear", T)
-    return [ddpm.ddpm_sample(ToyEps(), sched, torch.tensor([0, 1, 2]), steps=steps, method="ddim",
-                             noise=randn(9, B, C, S, S), clip_x0=False) for steps in (1, 4)]
+    model, y, sched = ToyEps(), torch.tensor([0, 1, 2]), ddpm.DDPMSchedule("linear", T)
+    return [ddpm.ddpm_solve(lambda x, t: model(x, t, y), randn(9, B, C, S, S), sched, steps, method="ddim",
+                            clip_x0=False, spacing="linspace") for steps in (1, 4)]
 
 
 def _ddim_times_probe(ddim_sample) -> list:
@@ -122,7 +123,7 @@ CHECKS = [
     Check("ddim_step: x0 = (x − √(1−ᾱ_t)·ε)/√ᾱ_t, then √ᾱ_prev·x0 + √(1−ᾱ_prev)·ε", points=2,
           probe=lambda ddim_step: [ddim_step(*case) for case in _step_cases()],
           expect=lambda: [_ddim_step_reference(*case) for case in _step_cases()]),
-    Check("ddim_sample: matches minidit.ddpm.ddpm_sample(method='ddim', clip_x0=False) with 1 and 4 steps", points=2,
+    Check("ddim_sample: matches minidit.ddpm.ddpm_solve(method='ddim', clip_x0=False) with 1 and 4 steps", points=2,
           probe=_ddim_sample_probe, expect=_ddim_sample_expect, atol=1e-4, rtol=1e-4),
     Check("ddim_sample: one call per step, at t = k / T from the noisiest step down (0.999, 0.666, 0.333, 0)",
           points=1, probe=_ddim_times_probe, expect=lambda: [[k / T] * B for k in (999, 666, 333, 0)], atol=1e-6),

@@ -1,8 +1,9 @@
 """A8 — joint attention for MMDiT: concatenate [text; image], ONE attention with a text padding mask, split back.
 
 References: `minidit.mmdit.joint_attention` and `minidit.mmdit.JointAttention` (SD3 §4; Stability-AI/sd3-ref).
-The notebook fixes the attribute names (qkv_img, qkv_txt, proj_img, proj_txt, q/k_norm_img, q/k_norm_txt) so the
-package module's weights load into the student's module and the outputs can be compared.
+The notebook fixes the package's attribute names (qkv_img, qkv_txt, proj_img, proj_txt; q_norm, k_norm for the image
+stream as in every minidit attention layer, q_norm_txt, k_norm_txt for the text) so the package module's weights
+load into the student's module and the outputs can be compared.
 """
 
 from __future__ import annotations

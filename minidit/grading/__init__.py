@@ -5,8 +5,8 @@ Instructor workflow
 1. Write the assignment as a solution notebook, `solutions/<NAME>.ipynb` (e.g. A1_tokens): instructions in
    markdown, each function to implement in its own code cell with a docstring, the student's part between
    `### BEGIN SOLUTION` and `### END SOLUTION` (a `# HINT: …` line inside becomes the exercise's error message),
-   and a small self-check cell after it. Execute and save it with outputs: `make notebooks`
-   (= `python -m minidit.notebooks run notebooks solutions`). The format of the markers, including
+   and a small self-check cell after it. Execute and save it with outputs: `minidit notebooks solutions/<NAME>.ipynb`
+   (`make notebooks` runs every lesson and solution). The format of the markers, including
    `### BEGIN EXERCISE` for exercises that start from given code, is in `minidit.grading.exercises`.
 2. Write the checks: `minidit/assignments/<module>.py` with NAME, TITLE and CHECKS, registered in
    `minidit.assignments.ASSIGNMENTS`. A check is
@@ -16,7 +16,7 @@ Instructor workflow
    The probe's parameter names are the notebook names it needs; it returns raw outputs. The grader computes
    `expect()` itself and compares (`compare`: shapes, then values within atol/rtol), or calls `judge(got, want)`
    for anything else. Optional: timeout (s, default 10), visibility (Gradescope's), atol, rtol.
-3. `make exercises` (= `python -m minidit.grading make-exercises`) regenerates `exercises/` from `solutions/`;
+3. `make exercises` (= `minidit exercises`) regenerates `exercises/` from `solutions/`;
    tests/test_notebooks_policy.py fails while `exercises/` is stale. Give students `exercises/<NAME>.ipynb`.
 4. Grade: `minidit grade submission.ipynb [--assignment A1_tokens] [--json results.json] [--tests DIR]
    [--timeout S]` prints a score table and writes Gradescope's results.json
@@ -25,7 +25,7 @@ Instructor workflow
    0 on every check, and known-wrong implementations lose points.
 5. Gradescope: `minidit autograder A1_tokens [--tests DIR] [--out zip]` writes a zip with `setup.sh` (installs
    minidit with the pins of requirements/constraints.txt, CPU torch) and `run_autograder` (runs
-   `python3 -m minidit.grading grade /autograder/submission --assignment A1_tokens
+   `python3 -m minidit grade /autograder/submission --assignment A1_tokens
    --json /autograder/results/results.json`). Upload it as the assignment's autograder (Ubuntu base image).
 
 Hidden checks (`--tests DIR`): instructor files kept outside the repository, `DIR/*.py`, each a module with

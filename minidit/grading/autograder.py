@@ -11,6 +11,8 @@ import re
 import zipfile
 from pathlib import Path
 
+from minidit.assignments import resolve_name
+
 SETUP_SH = """#!/usr/bin/env bash
 # Gradescope runs this once, as root, when it builds the autograder image.
 set -euxo pipefail
@@ -18,15 +20,17 @@ cd "$(dirname "$0")"
 python3 -m pip install --upgrade pip
 # CPU wheels of the pinned torch/torchvision (the grader never uses a GPU)
 python3 -m pip install --index-url https://download.pytorch.org/whl/cpu {torch_pins}
-python3 -m pip install -c requirements/constraints.txt ./minidit-src ipython nbformat
-python3 -c "import minidit.grading, IPython, torch; print('minidit grader ready, torch', torch.__version__)"
+# the package with its dependencies (what `python3 -m minidit` imports) and IPython, which runs the submission's cells
+python3 -m pip install -c requirements/constraints.txt ./minidit-src ipython
+python3 -c "import minidit.cli, IPython, torch; print('minidit grader ready, torch', torch.__version__)"
+python3 -m minidit grade --help > /dev/null
 """
 
 RUN_AUTOGRADER = """#!/usr/bin/env bash
 # Gradescope runs this for every submission.
 ROOT="${{AUTOGRADER_ROOT:-/autograder}}"
 mkdir -p "$ROOT/results"
-exec python3 -m minidit.grading grade "$ROOT/submission" --assignment {assignment} \\
+exec python3 -m minidit grade "$ROOT/submission" --assignment {assignment} \\
     --json "$ROOT/results/results.json" --timeout {timeout}{tests}
 """
 
@@ -48,8 +52,6 @@ def _pins(constraints: Path, names: tuple[str, ...]) -> str:
 def build_autograder(assignment: str, out: str | Path, repo: str | Path = ".", tests_dir: str | Path | None = None,
                      timeout: float = 600) -> Path:
     """Write the autograder zip for `assignment` (hidden checks from `tests_dir/*.py` go in as hidden_tests/)."""
-    from minidit.assignments import resolve_name
-
     name = resolve_name(assignment)
     if name is None:
         raise ValueError(f"unknown assignment {assignment!r}")

@@ -1,9 +1,14 @@
-"""Command-line front ends: `minidit grade|exercises|autograder` and `python -m minidit.grading …` (same options)."""
+"""The grading commands of the `minidit` command line: `minidit grade|exercises|autograder`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from minidit.assignments import resolve_name
+from minidit.grading.autograder import build_autograder
+from minidit.grading.exercises import make_exercises
+from minidit.grading.grader import GradingError, format_table, grade_notebook, write_results
 
 
 def add_grade_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,8 +22,6 @@ def add_grade_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_grade(args) -> int:
-    from minidit.grading.grader import GradingError, format_table, grade_notebook, write_results
-
     try:
         results = grade_notebook(args.notebook, args.assignment, args.tests_dir, args.timeout, args.check_timeout,
                                  args.memory_mb, args.json_path)
@@ -39,17 +42,11 @@ def add_exercises_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_exercises(args) -> int:
-    from minidit.grading.exercises import ExerciseError, make_exercises
-
-    try:
-        changed = make_exercises(args.solutions, args.out, check=args.check)
-    except ExerciseError as e:
-        print(f"make-exercises: error: {e}", file=sys.stderr)
-        return 2
+    changed = make_exercises(args.solutions, args.out, check=args.check)
     for path in changed:
         print(("stale: " if args.check else "wrote: ") + path)
     if args.check and changed:
-        print("run `make exercises` (python -m minidit.grading make-exercises) to regenerate them", file=sys.stderr)
+        print("run `make exercises` (minidit exercises) to regenerate them", file=sys.stderr)
         return 1
     return 0
 
@@ -63,26 +60,23 @@ def add_autograder_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_autograder(args) -> int:
-    from minidit.assignments import resolve_name
-    from minidit.grading.autograder import build_autograder
-
     name = resolve_name(args.assignment)
     out = args.out or f"dist/{name or args.assignment}_autograder.zip"
-    try:
-        path = build_autograder(args.assignment, out, args.repo, args.tests_dir, args.timeout)
-    except ValueError as e:
-        print(f"autograder: error: {e}", file=sys.stderr)
-        return 2
+    path = build_autograder(args.assignment, out, args.repo, args.tests_dir, args.timeout)
     print(f"wrote {path}: upload it as the autograder of {name} on Gradescope")
     return 0
 
 
-def add_commands(sub, exercises_name: str = "make-exercises") -> None:
-    """Register `grade`, the exercises command (named `exercises_name`) and `autograder` on a subparsers object."""
+def add_commands(sub) -> None:
+    """Register `grade`, `exercises` and `autograder` on the `minidit` command's subparsers.
+
+    `minidit`'s main prints the package's errors (ExerciseError and build_autograder's are ValueErrors) as one line
+    `minidit CMD: error: …` with exit status 2; `grade` reports its own, to write results.json first.
+    """
     commands = [
         ("grade", "grade a submitted assignment notebook (score table, Gradescope results.json)",
          add_grade_arguments, cmd_grade),
-        (exercises_name, "regenerate exercises/ from solutions/ (same as `make exercises`)",
+        ("exercises", "regenerate exercises/ from solutions/ (same as `make exercises`)",
          add_exercises_arguments, cmd_exercises),
         ("autograder", "write a Gradescope autograder zip for an assignment", add_autograder_arguments, cmd_autograder),
     ]
@@ -90,14 +84,3 @@ def add_commands(sub, exercises_name: str = "make-exercises") -> None:
         sp = sub.add_parser(name, help=help_text)
         add_arguments(sp)
         sp.set_defaults(func=run)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minidit.grading", description="minidit's exercises and grader")
-    add_commands(p.add_subparsers(dest="command", required=True))
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)

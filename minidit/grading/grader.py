@@ -25,7 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+import minidit
+from minidit.assignments import for_notebook, get_assignment, resolve_name
 from minidit.grading.checks import Check, ProtocolError, decode
+from minidit.grading.sandbox import become_subreaper, kill_children
 
 MAX_MESSAGE = 64 << 20  # bytes in one message from the sandbox
 GRACE = 5.0  # seconds the grader waits beyond a check's own timeout before it kills the sandbox
@@ -45,8 +50,6 @@ class NotebookError(Exception):
 def find_notebook(path: str | Path, assignment: str | None = None) -> Path:
     """A notebook file, or the .ipynb in a directory (Gradescope's /autograder/submission): the only one, or else
     the only one whose name is the assignment's (e.g. A1_tokens.ipynb among several)."""
-    from minidit.assignments import for_notebook
-
     p = Path(path)
     if p.is_dir():
         found = sorted(q for q in p.rglob("*.ipynb") if ".ipynb_checkpoints" not in q.parts)
@@ -94,8 +97,6 @@ class CheckModule:
 
 
 def assignment_module(name: str) -> CheckModule:
-    from minidit.assignments import get_assignment
-
     try:
         mod = get_assignment(name)
     except ValueError as e:
@@ -106,8 +107,6 @@ def assignment_module(name: str) -> CheckModule:
 
 def hidden_modules(tests_dir: str | Path, assignment: str) -> list[CheckModule]:
     """Instructor checks from `tests_dir/*.py` (module-level CHECKS; optional ASSIGNMENT restricts them)."""
-    from minidit.assignments import resolve_name
-
     d = Path(tests_dir)
     if not d.is_dir():
         raise GradingError(f"--tests {d}: not a directory")
@@ -171,10 +170,7 @@ def _default_drop() -> bool:
     """Drop to `nobody` when running as root and `nobody` can read the interpreter and the packages."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return False
-    import IPython
-    import torch
-
-    import minidit
+    import IPython  # only the grader's environment needs it, not `import minidit.cli`
 
     paths = [Path(sys.executable).resolve(), Path(torch.__file__).parent, Path(minidit.__file__).parent,
              Path(IPython.__file__).parent, Path(os.__file__).parent]
@@ -203,8 +199,6 @@ class Grader:
         self._seq = 0
         self._workdir = tempfile.mkdtemp(prefix="minidit-grade-")
         if reap_orphans:
-            from minidit.grading.sandbox import become_subreaper
-
             become_subreaper()
 
     def __enter__(self) -> Grader:
@@ -215,8 +209,6 @@ class Grader:
 
     # -- zygote -------------------------------------------------------------------------------------------------
     def _start(self) -> None:
-        import minidit
-
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
         out_r, out_w = os.pipe()
@@ -304,8 +296,6 @@ class Grader:
                 pass
         self._kill_zygote()
         if self.reap_orphans:
-            from minidit.grading.sandbox import kill_children
-
             kill_children()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
@@ -452,8 +442,6 @@ class Grader:
     def grade(self, notebook: str | Path, assignment: str | None = None, tests_dir: str | Path | None = None,
               timeout: float = 300.0, check_timeout: float | None = None) -> dict:
         """Grade one notebook; returns Gradescope's results dict (see `write_results`)."""
-        from minidit.assignments import for_notebook, resolve_name
-
         t0 = time.monotonic()
         if timeout <= 0 or (check_timeout is not None and check_timeout <= 0):
             raise GradingError("timeouts must be > 0 seconds")

@@ -16,6 +16,7 @@ submission that breaks this side (kills it, patches it, floods the pipe) only lo
 from __future__ import annotations
 
 import ctypes
+import importlib
 import json
 import os
 import resource
@@ -25,8 +26,17 @@ import time
 import traceback
 import types
 
+import torch
+
+import minidit.grading.checks as checks
+from minidit.assignments import ASSIGNMENTS
+from minidit.attention import CrossAttention, attention
+
 NOBODY = 65534
 PR_SET_CHILD_SUBREAPER = 36
+# what notebooks and probes import, loaded once in the zygote (with every assignment module) before any fork
+PRELOAD = ("minidit.tokens", "minidit.embed", "minidit.models", "minidit.flow", "minidit.guidance", "minidit.ddpm",
+           "minidit.vae", "minidit.data", "minidit.mmdit")
 
 
 class Pipe:
@@ -58,23 +68,11 @@ def _preload() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
-    import numpy  # noqa: F401
-    import torch
-    import torch.nn.functional  # noqa: F401
     from IPython.core.interactiveshell import InteractiveShell  # noqa: F401
 
-    import minidit.assignments
-    import minidit.attention  # noqa: F401
-    import minidit.blocks  # noqa: F401
-    import minidit.embed  # noqa: F401
-    import minidit.flow  # noqa: F401
-    import minidit.grading.checks  # noqa: F401
-    import minidit.models  # noqa: F401
-    import minidit.tokens  # noqa: F401
-
     torch.set_num_threads(1)  # forking after a multi-threaded OpenMP region hangs the child
-    for name in minidit.assignments.ASSIGNMENTS.values():
-        __import__(name)
+    for name in (*PRELOAD, *ASSIGNMENTS.values()):
+        importlib.import_module(name)
     # Warm up what notebooks and probes use, so that lazy imports (a masked nn.MultiheadAttention imports sympy:
     # 0.6 s) happen once here, not in every check's process, and not after dropping privileges.
     x, mask = torch.randn(2, 4, 8, requires_grad=True), torch.tensor([[True, True, False, False]] * 2)
@@ -82,8 +80,8 @@ def _preload() -> None:
     mha(x, x[..., :4], x[..., :4], key_padding_mask=~mask)[0].sum().backward()
     with torch.no_grad():
         mha.eval()(x, x[..., :4], x[..., :4], key_padding_mask=~mask)
-    minidit.attention.CrossAttention(8, 4, 2)(x, x[..., :4], mask).sum().backward()
-    minidit.attention.attention(x[:, None], x[:, None], x[:, None], mask, return_weights=True)
+    CrossAttention(8, 4, 2)(x, x[..., :4], mask).sum().backward()
+    attention(x[:, None], x[:, None], x[:, None], mask, return_weights=True)
     torch.nn.functional.scaled_dot_product_attention(x, x, x, attn_mask=mask[:, None, :]).sum().backward()
     shell = _new_shell()  # IPython imports a lot on first use (tracebacks, magics): warm it up, then discard it
     warm_up = ["import torch\nx = torch.ones(2)\nx", "raise ValueError('warm-up')", "def f(:\n    pass", "%time y = 1",
@@ -149,8 +147,6 @@ def become_subreaper() -> bool:
 
 # ---- zygote --------------------------------------------------------------------------------------------------
 def zygote(pipe: Pipe) -> None:
-    import minidit.grading.checks as checks
-
     trusted = {"source": open(checks.__file__, encoding="utf-8").read(), "filename": checks.__file__}
     become_subreaper()
     pipe.send({"type": "zygote", "pid": os.getpid()})
@@ -203,8 +199,6 @@ def _new_shell():
 
 
 def _make_shell():
-    import torch
-
     torch.set_num_threads(1)
     torch.set_num_threads = lambda n: None  # keep one thread: forking after a parallel region hangs the check
     torch.set_num_interop_threads = lambda n: None
@@ -294,8 +288,6 @@ def _check_child(r: dict, ns: dict, modules: dict, pipe: Pipe, checks_spec: dict
     msg = {"type": "result", "seq": r["seq"]}
     try:
         os.setpgid(0, 0)
-        import torch
-
         encode = load("minidit.grading.checks", checks_spec).encode  # fresh: the notebook may have patched it
         check = load(r["module"], modules[r["module"]]).CHECKS[r["index"]]
         if check.name != r["name"]:

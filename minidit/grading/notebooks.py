@@ -1,6 +1,6 @@
-"""Re-execute and re-save notebooks with nbclient (maintainers: `make notebooks`).
+"""Re-execute and re-save the lessons and solutions with nbclient (maintainers and instructors: `make notebooks`).
 
-    python -m minidit.notebooks run notebooks solutions      # folders (every *.ipynb) or single files
+    minidit notebooks notebooks solutions      # folders (every *.ipynb) or single files
 
 Each notebook runs top to bottom in a fresh kernel of *this* Python environment (not whatever kernel named
 "python3" Jupyter finds first), with its own folder as the working directory and a fixed environment
@@ -10,7 +10,6 @@ an error, so a failing run never replaces a good committed version. Timings are 
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -32,28 +31,23 @@ def notebook_paths(paths: list[str]) -> list[Path]:
     return out
 
 
-def _kernel_manager():
-    """A kernel manager whose 'python3' is ipykernel in this interpreter (sys.executable)."""
-    import ipykernel.kernelspec
+def run_notebook(path: Path, timeout: int = 600) -> float:
+    """Execute `path` in place (saved only on success); returns the seconds it took."""
+    import ipykernel.kernelspec  # the course extras (Jupyter): only maintainers run notebooks from the command line
+    import nbformat
     from jupyter_client.kernelspec import KernelSpecManager
     from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
 
-    class CurrentEnv(KernelSpecManager):
+    class CurrentEnv(KernelSpecManager):  # 'python3' = ipykernel in this interpreter, not whatever Jupyter finds
         def get_kernel_spec(self, kernel_name):
             return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES,
                                           **ipykernel.kernelspec.get_kernel_dict())
 
-    return KernelManager(kernel_name="python3", kernel_spec_manager=CurrentEnv())
-
-
-def run_notebook(path: Path, timeout: int = 600) -> float:
-    """Execute `path` in place (saved only on success); returns the seconds it took."""
-    import nbformat
-    from nbclient import NotebookClient
-
     nb = nbformat.read(path, as_version=4)
     os.environ.update(FIXED_ENV)  # the kernel inherits this process's environment
-    client = NotebookClient(nb, km=_kernel_manager(), timeout=timeout, record_timing=False,
+    km = KernelManager(kernel_name="python3", kernel_spec_manager=CurrentEnv())
+    client = NotebookClient(nb, km=km, timeout=timeout, record_timing=False,
                             resources={"metadata": {"path": str(path.parent.resolve())}})
     t0 = time.perf_counter()
     client.execute()
@@ -63,27 +57,17 @@ def run_notebook(path: Path, timeout: int = 600) -> float:
     return seconds
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m minidit.notebooks", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="execute notebooks top to bottom and save them with their outputs")
-    r.add_argument("paths", nargs="+", help="notebooks or folders of notebooks")
-    r.add_argument("--timeout", type=int, default=600, help="seconds per cell (default 600)")
-    args = p.parse_args(argv)
+def run_notebooks(paths: list[str], timeout: int = 600) -> int:
+    """Run every notebook named (folders expanded); 0 when all ran, 1 when any failed (failures are not saved)."""
     from nbclient.exceptions import CellExecutionError
 
     failed = 0
-    for path in notebook_paths(args.paths):
+    for path in notebook_paths(paths):
         try:
-            seconds = run_notebook(path, args.timeout)
+            seconds = run_notebook(path, timeout)
         except CellExecutionError as e:
             failed += 1
             print(f"FAILED {path} (not saved):\n{str(e)[-3000:]}", file=sys.stderr)
             continue
-        slow = "  (over the 3-minute budget!)" if seconds > 180 else ""
-        print(f"{path}: {seconds:.1f} s{slow}")
+        print(f"{path}: {seconds:.1f} s" + ("  (over the 3-minute budget!)" if seconds > 180 else ""))
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
