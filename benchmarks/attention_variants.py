@@ -11,7 +11,7 @@ ALiBi's biased scores keep their own path).
 
 1. Speed and memory: one forward + backward (fp32, training mode) of the same 4-block, width-128 DiT at 196 tokens
    (28², patch 2) and 1,024 tokens (64², patch 2), timed in alternating rounds; peak memory from torch.profiler's
-   allocation events; parameters and model FLOPs (minidit.cost).
+   allocation events; parameters and model FLOPs (minidit.variants.cost).
 2. Quality: each variant trains the same small patch-2 DiT on the bundled MNIST digits (same seed, steps, batch,
    lr, bf16 autocast), then its EMA weights are scored: held-out flow-matching loss (fixed t and noise) and,
    from N class-balanced CFG samples, conditional accuracy and feature-FID beside the real-vs-real floor.
@@ -25,7 +25,6 @@ import time
 
 import torch
 
-from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
 from minidit.flow import flow_loss
 from minidit.metrics import evaluate
@@ -33,6 +32,7 @@ from minidit.runinfo import command_line, machine, save_result
 from minidit.sampling import sample
 from minidit.train import TrainConfig, Trainer
 from minidit.variants.attention import VariantConfig, VariantDiT
+from minidit.variants.cost import dit_flops
 from minidit.variants.speed import peak_memory_bytes, time_alternating, use_fast_attention
 
 VARIANTS: dict[str, dict] = {  # VariantConfig options

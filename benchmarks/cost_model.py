@@ -1,4 +1,4 @@
-"""The cost model (FLOPs: minidit.cost; memory: minidit.variants.speed) at high resolution, checked against this CPU.
+"""The cost model (FLOPs: variants.cost; memory: variants.speed) at high resolution, checked against this CPU.
 
     python benchmarks/cost_model.py --json benchmarks/results/cost_model.json --plot benchmarks/results/cost_model.png
     python benchmarks/cost_model.py --quick
@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import torch
 
-from minidit.cost import dit_cost_at, train_flops_per_image
 from minidit.models import DiT, DiTConfig, get_config
 from minidit.runinfo import command_line, machine, save_result
+from minidit.variants.cost import dit_cost_at, train_flops_per_image
 from minidit.variants.speed import (
     dit_activation_bytes,
     dit_training_peak_bytes,

@@ -12,7 +12,7 @@
      flow loss, backward, grad clipping, AdamW, EMA, the loss read back every step);
    - `bare`: the same compiled model, loss, AdamW and EMA with the noise drawn on the GPU and no per-step read-back:
      what the model itself can do, so the difference is the training loop's overhead.
-   images/s and MFU = images/s × training FLOPs per image (DiT's accounting, `minidit.cost`) ÷ the measured peak;
+   images/s and MFU = images/s × training FLOPs per image (DiT's accounting, `variants.cost`) ÷ the measured peak;
    on an H100 SXM / H200 also ÷ the datasheet's dense bf16 peak (989 TFLOP/s), which a sustained 8192³ product
    does not reach, so that figure is the lower, stricter one.
    `--sdpa flash|efficient|cudnn|math` pins PyTorch's attention kernel for both runs (default: PyTorch's choice);
@@ -36,12 +36,12 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from minidit.cost import train_flops_per_image
 from minidit.flow import flow_loss, sample_t
 from minidit.guidance import drop_labels
 from minidit.models import DiT, DiTConfig, get_config
 from minidit.runinfo import command_line, machine, save_result
 from minidit.train import COMPILE_MODES, TrainConfig, Trainer
+from minidit.variants.cost import train_flops_per_image
 from minidit.variants.speed import matmul_peak, mfu, use_fast_attention
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from minidit.cost import dit_flops
 from minidit.data import mnist_tensors
 from minidit.metrics import evaluate, stratified_real
 from minidit.models import DiT, DiTConfig
@@ -35,6 +34,7 @@ from minidit.runinfo import command_line, machine, save_result
 from minidit.sampling import sample
 from minidit.train import TrainConfig, Trainer
 from minidit.vae import load_vae, reconstruct
+from minidit.variants.cost import dit_flops
 from minidit.variants.speed import use_fast_attention
 
 FULL = dict(model=dict(dim=128, depth=4, num_heads=4), budget=300.0, max_steps=20000, batch_size=64, lr=2e-3,

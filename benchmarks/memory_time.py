@@ -23,11 +23,11 @@ from dataclasses import replace
 
 import torch
 
-from minidit.cost import train_flops_per_image
 from minidit.models import DiTConfig, get_config
 from minidit.pipeline import RECIPES, build_model
 from minidit.runinfo import command_line, machine, save_result
 from minidit.train import Trainer
+from minidit.variants.cost import train_flops_per_image
 from minidit.variants.speed import dit_training_peak_bytes, peak_memory_bytes, time_alternating
 
 SETTINGS = {

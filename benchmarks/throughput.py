@@ -12,7 +12,7 @@ Beside it, the package's whole training step (`minidit.train.Trainer.train_step`
 grad clipping, AdamW, EMA) for the flagship, alternated with forward + backward alone so that their ratio is the
 step's overhead.
 
-FLOPs per image use DiT's accounting (`minidit.cost.train_flops_per_image` = 3 × forward matmul FLOPs);
+FLOPs per image use DiT's accounting (`minidit.variants.cost.train_flops_per_image` = 3 × forward matmul FLOPs);
 MFU = achieved model FLOP/s ÷ the fp32 / bf16 matmul peak (`variants.speed.matmul_peak`) measured in this process,
 before and after the runs (the larger is used). With more than one thread, the flagship's fp32 forward + backward
 is also timed on 1 thread, alternated, each against the matmul peak of its own thread count: where the MFU is lost.
@@ -32,12 +32,12 @@ from dataclasses import replace
 
 import torch
 
-from minidit.cost import train_flops_per_image
 from minidit.mmdit import MMDiT, MMDiTConfig
 from minidit.models import DiTConfig, get_config
 from minidit.pipeline import RECIPES, build_model
 from minidit.runinfo import command_line, machine, save_result
 from minidit.train import Trainer
+from minidit.variants.cost import train_flops_per_image
 from minidit.variants.speed import matmul_peak, mfu, time_alternating, use_fast_attention
 
 TEXT_LEN = 16  # text tokens for the MMDiT / SD3 comparison

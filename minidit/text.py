@@ -153,9 +153,10 @@ class CaptionEncoder(nn.Module):
     "no text". The captions' token ids are stored once; the encoder is trained with the denoiser.
     """
 
-    def __init__(self, captions: list[str], dim: int = 64, depth: int = 2, num_heads: int = 4, max_len: int = 16):
+    def __init__(self, captions: list[str], dim: int = 64, depth: int = 2, num_heads: int = 4, max_len: int = 16,
+                 words: list[str] | None = None):
         super().__init__()
-        self.tokenizer = Tokenizer(max_len=max_len)
+        self.tokenizer = Tokenizer(words, max_len=max_len)  # words: the course vocabulary unless given
         self.captions = list(captions)
         self.index = {cap: i for i, cap in enumerate(self.captions)}
         ids, mask = self.tokenizer.encode([*self.captions, ""])  # (N+1, L): row N is the null caption

@@ -10,7 +10,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minidit.attention import AttentionRecorder
 from minidit.checkpoint import CheckpointError, load_checkpoint, load_model, save_model
-from minidit.cost import dit_flops, dit_flops_breakdown
 from minidit.models import DiT, DiTBlock, DiTConfig, FinalLayer, get_config
 from minidit.train import TrainConfig, Trainer
 from minidit.variants import load_variant
@@ -24,6 +23,7 @@ from minidit.variants.conditioning import (
     InContextBlock,
     PlainFinalLayer,
 )
+from minidit.variants.cost import dit_flops, dit_flops_breakdown
 
 VARIANTS = list(CONDITIONINGS)
 # DiT Table 4 (XL/2): parameters and Gflops (multiply-adds) per forward pass; "adaln-gated" is not in the paper

@@ -1,4 +1,4 @@
-"""The FLOPs model (minidit.cost) against torch's FlopCounterMode: DiT, its attention variants, text DiT, MMDiT.
+"""The FLOPs model (variants.cost) against torch's FlopCounterMode: DiT, its attention variants, text DiT, MMDiT.
 
 (The memory model and the measuring tools live in minidit.variants.speed: tests/test_speed.py.)
 """
@@ -12,10 +12,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minidit.attention import AttentionModule
-from minidit.cost import dit_cost_at, dit_flops, dit_flops_breakdown, mmdit_flops, train_flops_per_image
 from minidit.mmdit import MMDiT, MMDiTConfig
 from minidit.models import DiT, DiTConfig, get_config
 from minidit.variants.attention import VariantConfig, VariantDiT
+from minidit.variants.cost import dit_cost_at, dit_flops, dit_flops_breakdown, mmdit_flops, train_flops_per_image
 
 
 def explicit_attention(model: torch.nn.Module) -> torch.nn.Module:

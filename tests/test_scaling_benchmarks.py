@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from minidit import pipeline
-from minidit.cost import train_flops_per_image
 from minidit.models import get_config
 from minidit.variants.attention import VariantConfig, VariantDiT
+from minidit.variants.cost import train_flops_per_image
 from minidit.variants.speed import use_fast_attention
 
 

@@ -5,6 +5,8 @@
 - `attention`: attention variants SD3 and DiT do not use — grouped-query attention, ALiBi-2D, RoPE-2D, windowed
   attention with pooled global tokens — and a DiT built with them.
 - `speed`: CPU speed paths (unfused attention for short sequences), which recipes and benchmarks opt into.
+- `hires`: high resolution (lesson 13) — single stage, a cascade's super-resolution stage, an hourglass with
+  cross-resolution attention.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import torch
 from minidit.checkpoint import load_model
 from minidit.variants.attention import VariantConfig, VariantDiT
 from minidit.variants.conditioning import AblationConfig, AblationDiT
+from minidit.variants.hires import HiresConfig, HiresT2I, SuperRes
 
-VARIANT_CLASSES = {"AblationDiT": (AblationDiT, AblationConfig), "VariantDiT": (VariantDiT, VariantConfig)}
+VARIANT_CLASSES = {"AblationDiT": (AblationDiT, AblationConfig), "VariantDiT": (VariantDiT, VariantConfig),
+                   "HiresT2I": (HiresT2I, HiresConfig), "SuperRes": (SuperRes, HiresConfig)}
 
 
 def load_variant(path: str | Path, use_ema: bool = True, device: torch.device | str = "cpu") -> torch.nn.Module:

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from minidit.attention import AttentionModule
-from minidit.cost import FREQUENCY_DIM
 from minidit.models import DiTConfig
+from minidit.variants.cost import FREQUENCY_DIM
 
 CPU_UNFUSED_MAX_KEYS = {torch.float32: 64, torch.bfloat16: 512}  # up to this many keys, unfused was as fast or faster
 FP32_SOFTMAX_BELOW_KEYS = 32
