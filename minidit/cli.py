@@ -151,6 +151,7 @@ def cmd_sample(args) -> int:
     train = meta.get("train") or {}
     if train.get("objective") == "ddpm":
         settings["schedule"] = DDPMSchedule(train.get("ddpm_schedule", "linear"))
+        settings["prediction"] = train.get("ddpm_prediction", "eps")  # a v-model's output is converted to ε / x̂0
         settings["clip_x0"] = meta.get("vae") is None  # latents are not in [−1, 1]
     model = load_model(args.checkpoint, device=device)
     guide = load_model(guide_path, device=device) if guide_path else None

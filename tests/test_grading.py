@@ -1,8 +1,10 @@
-"""The grader and the exercises: solutions score full marks, exercises 0, known-wrong code loses points,
-hostile or broken submissions are graded without the grader crashing, results.json follows Gradescope's format."""
+"""The grader and the exercises: solutions score full marks, exercises 0, known-wrong code loses points (and fails a
+self-check of its own notebook), hostile or broken submissions are graded without the grader crashing,
+results.json follows Gradescope's format. Other test_grading_*.py files import the helpers defined here."""
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from minidit.grading import Check, Grader, GradingError, compare, make_exercise,
 from minidit.grading.autograder import build_autograder
 from minidit.grading.checks import Opaque, ProtocolError, decode, encode
 from minidit.grading.exercises import ExerciseError, exercise_code, make_exercises
+from minidit.grading.grader import RUNS_CLEANLY
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = sorted(ASSIGNMENTS)
@@ -41,8 +44,19 @@ def write_nb(path: Path, cells: list[str]) -> Path:
     return path
 
 
-def variant(tmp_path: Path, name: str, replacements: list[tuple]) -> Path:
-    """The solution notebook with (old, new[, count]) replacements in its code cells (old must occur count times)."""
+def graded_part(nb: dict) -> dict:
+    """The notebook without the code cells after its last solution cell and that cell's self-check: the experiments
+    there (training runs, sweeps) are graded by no check, so tests of the graded functions need not run them."""
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    last = max(i for i, c in enumerate(code) if "### END SOLUTION" in "".join(c["source"]))
+    keep = {id(c) for c in code[: last + 2]}
+    nb["cells"] = [c for c in nb["cells"] if c["cell_type"] != "code" or id(c) in keep]
+    return nb
+
+
+def variant(tmp_path: Path, name: str, replacements: list[tuple], graded_only: bool = False) -> Path:
+    """The solution notebook with (old, new[, count]) replacements in its code cells (old must occur count times);
+    graded_only: only its graded part (`graded_part`)."""
     nb = solution(name)
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     for old, new, *count in replacements:
@@ -51,13 +65,15 @@ def variant(tmp_path: Path, name: str, replacements: list[tuple]) -> Path:
         assert found == (count[0] if count else 1), f"{old!r} occurs {found} times in solutions/{name}.ipynb"
         for c, s in zip(code, srcs):
             c["source"] = s.replace(old, new)
+    nb = graded_part(nb) if graded_only else nb
     path = tmp_path / f"{name}.ipynb"
     path.write_text(json.dumps(nb))
     return path
 
 
-def solution_cells(name: str) -> list[str]:
-    return ["".join(c["source"]) for c in solution(name)["cells"] if c["cell_type"] == "code"]
+def solution_cells(name: str, graded_only: bool = False) -> list[str]:
+    nb = graded_part(solution(name)) if graded_only else solution(name)
+    return ["".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code"]
 
 
 def assert_results_format(results: dict) -> None:
@@ -80,6 +96,38 @@ def failed(results: dict) -> list[str]:
     return [t["name"] for t in results["tests"] if t["score"] < t["max_score"]]
 
 
+def checks_of(results: dict) -> list[dict]:
+    """The graded entries (without the 0-point warning about cells that raise)."""
+    return [t for t in results["tests"] if t["name"] != RUNS_CLEANLY]
+
+
+def cell_warning(results: dict) -> dict:
+    """The 0-point entry that says whether the notebook's own cells ran without errors (always the first)."""
+    assert results["tests"][0]["name"] == RUNS_CLEANLY and results["tests"][0]["max_score"] == 0
+    return results["tests"][0]
+
+
+def graded_name(check_name: str, assignment: str) -> str:
+    """The function or class a check grades: its name's first word (A5 grades one class, DiTBlock)."""
+    return "DiTBlock" if assignment.startswith("A5") else re.split(r"[:( ]", check_name)[0]
+
+
+def assert_known_wrong(results: dict, name: str, label: str, expected: str, phrase: str | None = None) -> None:
+    """The mistake loses the expected check, with feedback (naming the mistake when `phrase` is given), and the
+    notebook's own self-checks catch it too: a cell raises, and its error names the function to fix."""
+    lost = failed(results)
+    assert lost, f"{name}: '{label}' scored full marks"
+    hit = [t for t in results["tests"] if t["name"].startswith(expected) and t["score"] < t["max_score"]]
+    assert hit, f"{name}: '{label}' lost {lost}, not '{expected}…'"
+    if phrase is not None:
+        assert any(phrase in t["output"] for t in hit), f"{name}: '{label}': feedback {[t['output'] for t in hit]}"
+    warning = cell_warning(results)
+    assert warning["status"] == "failed", f"{name}: '{label}' passes every self-check of the notebook"
+    who = graded_name(hit[0]["name"], name)
+    first = warning["output"].split("\nIn [")[0]
+    assert who in first, f"{name}: '{label}': the first failing cell does not name {who}: {first}"
+
+
 # ---- non-vacuity ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", NAMES)
 def test_solution_scores_full_marks(grader, name):
@@ -87,6 +135,7 @@ def test_solution_scores_full_marks(grader, name):
     assert_results_format(results)
     assert failed(results) == [], json.dumps(results["tests"], indent=1)[:3000]
     assert results["score"] == sum(c.points for c in get_assignment(name).CHECKS) > 0
+    assert cell_warning(results)["status"] == "passed", cell_warning(results)["output"]
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -94,10 +143,12 @@ def test_untouched_exercise_scores_zero_on_every_check(grader, name):
     results = grader.grade(ROOT / "exercises" / f"{name}.ipynb")
     assert_results_format(results)
     assert all(t["score"] == 0 for t in results["tests"]), [t["name"] for t in results["tests"] if t["score"]]
-    assert len(results["tests"]) == len(get_assignment(name).CHECKS)
+    assert len(checks_of(results)) == len(get_assignment(name).CHECKS)
+    assert cell_warning(results)["status"] == "failed"  # the stubs raise NotImplementedError in the self-checks
 
 
-# Known-wrong implementations: the solution with one mistake put in, and the check (name prefix) it must lose.
+# Known-wrong implementations: the solution with one mistake put in, the check (name prefix) it must lose and,
+# optionally, words its feedback must contain.
 WRONG = {
     "A1_tokens": {
         "features in (channel, row, column) order": (
@@ -153,6 +204,9 @@ WRONG = {
               "            nn.init.zeros_(zeroed.weight)\n"
               "            nn.init.zeros_(zeroed.bias)\n")],
             "DiTBlock: its own"),
+        "MLP width ignores mlp_ratio": (
+            [("        self.mlp = Mlp(dim, int(dim * mlp_ratio))\n", "        self.mlp = Mlp(dim, 4 * dim)\n")],
+            "DiTBlock: parameter names", "mlp_ratio = 2"),
     },
     "A3_attention": {
         "no 1/√d scaling": (
@@ -206,10 +260,29 @@ WRONG = {
             [("    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2B, …)\n"
               "    cond, uncond = out.chunk(2)\n",
               "    cond, uncond = model(x, t, y), model(x, t, null)\n")],
-            "cfg_velocity: ONE"),
+            "cfg_velocity: ONE", "expected one model call per guided prediction, got 2"),
         "guidance away from the condition": (
             [("    return uncond + scale * (cond - uncond)\n", "    return cond + scale * (uncond - cond)\n")],
-            "cfg_velocity: uncond"),
+            "cfg_velocity: uncond", "guidance points the wrong way"),
+        # the mistakes that passed the old self-checks or the old grader
+        "interpolate for 4-D images only": (
+            [("    tb = t.reshape(-1, *[1] * (x0.ndim - 1))  # (B, 1, …)\n", "    tb = t.reshape(-1, 1, 1, 1)\n")],
+            "interpolate: any shape", "expected shape (3, 5, 4)"),
+        "loss computed under no_grad": (
+            [("    x_t = interpolate(x0, noise, t)\n    return F.mse_loss(model(x_t, t, y), noise - x0)\n",
+              "    with torch.no_grad():\n        x_t = interpolate(x0, noise, t)\n"
+              "        return F.mse_loss(model(x_t, t, y), noise - x0)\n")],
+            "velocity_loss: differentiable", "no graph back to the model"),
+        "per-sample sum instead of the mean": (
+            [("    return F.mse_loss(model(x_t, t, y), noise - x0)\n",
+              "    return ((model(x_t, t, y) - (noise - x0)) ** 2).flatten(1).sum(1).mean()\n")],
+            "velocity_loss: the mean", "a sum over each sample's values"),
+        "t of shape (1,)": (
+            [("velocity(x, t_cur.expand(x.shape[0]))", "velocity(x, t_cur.reshape(1))")],
+            "euler_sample: one velocity call", "t must have one value per sample: expected shape (3,), got (1,)"),
+        "interpolate with reversed time": (
+            [("    return (1 - tb) * x0 + tb * noise\n", "    return tb * x0 + (1 - tb) * noise\n")],
+            "interpolate: x_t", "yours is reversed"),
     },
     # The seed audit's defects (shared/seed-audit.md, "The seed's DiTBlock: defects"), one at a time.
     "A5_seed_bug_hunt": {
@@ -259,6 +332,10 @@ WRONG = {
               "            nn.init.zeros_(zeroed.weight)\n"
               "            nn.init.zeros_(zeroed.bias)\n")],
             "at initialisation the adaLN"),
+        # not a defect of the seed, but one a fix can introduce (the old grader missed it)
+        "mlp_ratio ignored (always 4·d)": (
+            [("        hidden = int(d_model * mlp_ratio)\n", "        hidden = 4 * d_model\n")],
+            "mlp_ratio sets"),
     },
     "A8_joint_attention": {
         "two cross-attentions, no text→text / image→image": (
@@ -309,16 +386,14 @@ CASES = [(name, label) for name, wrongs in WRONG.items() for label in wrongs]
 
 @pytest.mark.parametrize(("name", "label"), CASES, ids=[f"{n.split('_')[0]}-{lab}" for n, lab in CASES])
 def test_known_wrong_implementation_fails(grader, tmp_path, name, label):
-    replacements, expected = WRONG[name][label]
+    replacements, expected, *phrase = WRONG[name][label]
     results = grader.grade(variant(tmp_path, name, replacements), assignment=name)
-    lost = failed(results)
-    assert lost, f"{name}: '{label}' scored full marks"
-    assert any(n.startswith(expected) for n in lost), f"{name}: '{label}' lost {lost}, not '{expected}…'"
+    assert_known_wrong(results, name, label, expected, *phrase)
 
 
 def test_every_seed_defect_has_a_variant():
     """The seed audit lists 11 defects of the seed's DiTBlock; each is re-introduced above."""
-    numbers = {label.split()[0] for label in WRONG["A5_seed_bug_hunt"]}
+    numbers = {label.split()[0] for label in WRONG["A5_seed_bug_hunt"] if label[0].isdigit()}
     assert numbers == {str(i) for i in range(1, 12)}
 
 
@@ -364,8 +439,9 @@ def test_unreadable_or_missing_notebook(grader, tmp_path, content):
         path.write_text(content)
     results = grader.grade(path)
     assert_results_format(results)
-    assert results["score"] == 0 and len(results["tests"]) == len(get_assignment("A1").CHECKS)
-    assert all(t["output"].startswith("not graded") for t in results["tests"])
+    assert results["score"] == 0 and len(checks_of(results)) == len(get_assignment("A1").CHECKS)
+    assert all(t["output"].startswith("not graded") for t in checks_of(results))
+    assert cell_warning(results)["status"] == "failed" and cell_warning(results)["output"].startswith("not run")
 
 
 def test_exit_calls_in_cells_and_in_checks(grader, tmp_path, good):
@@ -374,10 +450,11 @@ def test_exit_calls_in_cells_and_in_checks(grader, tmp_path, good):
     results = grader.grade(write_nb(tmp_path / "A1_tokens.ipynb", cells))
     assert_results_format(results)
     assert failed(results) == [c.name for c in get_assignment("A1").CHECKS if c.name.startswith("unpatchify")]
-    assert "code cell 1: this cell ended the notebook's process" in results["output"]
+    assert "In [1]: this cell ended the notebook's process" in results["output"]
+    assert "In [1]: this cell ended the notebook's process" in cell_warning(results)["output"]
     cells[-2] = _redefine("unpatchify", "import sys\nsys.exit(0)")
     results = grader.grade(write_nb(tmp_path / "A1_tokens.ipynb", cells))
-    assert [t["output"].split(":")[0] for t in results["tests"] if t["score"] == 0] == ["raised SystemExit"] * 2
+    assert [t["output"].split(":")[0] for t in checks_of(results) if t["score"] == 0] == ["raised SystemExit"] * 3
 
 
 def test_memory_hog_is_stopped(tmp_path, good):
@@ -385,7 +462,7 @@ def test_memory_hog_is_stopped(tmp_path, good):
     cells = [good[0], hog, "del hog", *good[1:], _redefine("patchify", hog + "\nreturn hog")]
     with Grader(memory_mb=512) as g:
         results = g.grade(write_nb(tmp_path / "A1_tokens.ipynb", cells))
-    assert "code cell 2: RuntimeError" in results["output"] and "can't allocate" in results["output"]
+    assert "In [2]: RuntimeError" in results["output"] and "can't allocate" in results["output"]
     lost = failed(results)
     assert lost == [c.name for c in get_assignment("A1").CHECKS if c.name.startswith("patchify")]
 
@@ -410,7 +487,7 @@ def test_results_file_cannot_be_overwritten(grader, tmp_path, good):
     write_results(results, out)
     time.sleep(4)  # the daemon would have written by now, had it survived
     final = json.loads(out.read_text())
-    assert final == results and final["score"] == 6.0
+    assert final == results and final["score"] == 8.0  # 12 points, less the 4 of patchify
     assert [f for f in os.listdir(out.parent) if f != "results.json"] == []
 
 
@@ -473,8 +550,8 @@ def test_root_grader_runs_submissions_as_nobody(tmp_path, good):
         results = g.grade(write_nb(tmp_path / "A1_tokens.ipynb", [*good, *attacks]))
     assert failed(results) == [] and out.read_text() == "{}"
     # cell 5 (write the results file) and cell 6 (kill the zygote) are refused; cell 7 (uid == nobody) passes
-    assert "code cell 5: PermissionError" in results["output"] and "code cell 6: PermissionError" in results["output"]
-    assert "code cell 7" not in results["output"]
+    assert "In [5]: PermissionError" in results["output"] and "In [6]: PermissionError" in results["output"]
+    assert "In [7]" not in results["output"]
 
 
 def test_names_imported_from_the_package_are_refused(grader, tmp_path, good):
@@ -482,12 +559,12 @@ def test_names_imported_from_the_package_are_refused(grader, tmp_path, good):
     results = grader.grade(write_nb(tmp_path / "A1_tokens.ipynb", cells))
     lost = failed(results)
     assert lost and all(n.startswith(("patchify", "sincos_2d")) for n in lost)
-    assert "comes from the module `minidit.tokens`" in results["tests"][0]["output"]
+    assert "comes from the module `minidit.tokens`" in checks_of(results)[0]["output"]
 
 
 def test_missing_names_are_reported(grader, tmp_path):
     results = grader.grade(write_nb(tmp_path / "a1.ipynb", ["x = 1"]))
-    assert results["score"] == 0 and "`patchify` is not defined" in results["tests"][0]["output"]
+    assert results["score"] == 0 and "`patchify` is not defined" in checks_of(results)[0]["output"]
 
 
 # ---- hidden tests, the CLI, the autograder zip -----------------------------------------------------------------
@@ -515,7 +592,7 @@ def test_hidden_tests(grader, tmp_path, hidden_dir):
     results = grader.grade(ROOT / "solutions" / "A1_tokens.ipynb", tests_dir=hidden_dir)
     hidden = [t for t in results["tests"] if t["name"].startswith("hidden")]
     assert len(hidden) == 1 and hidden[0]["visibility"] == "after_published" and hidden[0]["score"] == 2
-    assert results["score"] == 12
+    assert results["score"] == 14
     wrong = variant(tmp_path, "A1_tokens", WRONG["A1_tokens"]["patches in column-major order"][0])
     assert "hidden: patchify of a 1×1×4×4 ramp" in failed(grader.grade(wrong, tests_dir=hidden_dir))
     (hidden_dir / "broken.py").write_text("CHECKS = [1, 2]")
@@ -566,7 +643,7 @@ def test_autograder_zip(tmp_path, hidden_dir):
     assert r.returncode == 0, r.stderr[-2000:]
     results = json.loads((root / "results" / "results.json").read_text())
     assert_results_format(results)
-    assert results["score"] == 12 and failed(results) == []
+    assert results["score"] == 14 and failed(results) == []
 
 
 # ---- units: exercises, wire format, comparisons, names ---------------------------------------------------------
@@ -653,8 +730,10 @@ def test_compare_explains_differences():
 
 def test_assignment_names():
     assert resolve_name("a3") == "A3_attention" and resolve_name("A5_seed_bug_hunt") == "A5_seed_bug_hunt"
-    assert for_notebook("submissions/a2-jane.ipynb") == "A2_adaln_zero" and for_notebook("A12.ipynb") is None
-    assert resolve_name("A9") is None
+    assert for_notebook("submissions/a2-jane.ipynb") == "A2_adaln_zero" and for_notebook("A99.ipynb") is None
+    assert resolve_name("A9") == "A9_guidance" and resolve_name("a10") == "A10_reflow"
+    assert resolve_name("A1") == "A1_tokens"  # not A10 or A11
+    assert resolve_name("A99") is None
 
 
 def test_find_notebook_in_a_submission_folder(tmp_path):

@@ -1,21 +1,19 @@
 """A6 (VAE) and A7 (DDPM): each known-wrong implementation (wrong variance, sign, time direction, KL sign, scale
-factor) loses the check it should, and the checks' references agree with independent closed forms.
+factor, dtype, shape) loses the check it should, with feedback that names it, and fails a self-check of its
+notebook; the checks' references agree with independent closed forms.
 
 Full marks for the solutions and 0 for the exercises are tested for every assignment in tests/test_grading.py.
 """
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from test_grading import assert_known_wrong, variant
 
 from minidit import ddpm, vae
 from minidit.assignments import a6_vae, a7_ddpm
 from minidit.grading import Grader
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -24,26 +22,12 @@ def grader():
         yield g
 
 
-def variant(tmp_path: Path, name: str, replacements: list[tuple[str, str]]) -> Path:
-    """The solution notebook with (old, new) replacements in its code cells (each old occurs exactly once)."""
-    nb = json.loads((ROOT / "solutions" / f"{name}.ipynb").read_text())
-    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
-    for old, new in replacements:
-        srcs = ["".join(c["source"]) for c in code]
-        assert sum(s.count(old) for s in srcs) == 1, f"{old!r} must occur once in solutions/{name}.ipynb"
-        for c, s in zip(code, srcs):
-            c["source"] = s.replace(old, new)
-    path = tmp_path / f"{name}.ipynb"
-    path.write_text(json.dumps(nb))
-    return path
-
-
-# label → (replacements in the solution, the check (name prefix) it must lose)
+# label → (replacements in the solution, the check (name prefix) it must lose[, words its feedback must contain])
 WRONG = {
     "A6_vae": {
         "log-variance used as σ": (
             [("    return mean + torch.exp(0.5 * logvar) * noise\n", "    return mean + logvar * noise\n")],
-            "reparameterize: z = mean"),
+            "reparameterize: z = mean", "log-variance is used as the standard deviation"),
         "variance used as σ": (
             [("    return mean + torch.exp(0.5 * logvar) * noise\n", "    return mean + torch.exp(logvar) * noise\n")],
             "reparameterize: z = mean"),
@@ -57,14 +41,14 @@ WRONG = {
         "KL sign flipped": (
             [("    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)\n",
               "    kl = -0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)\n")],
-            "kl_divergence"),
+            "kl_divergence", "the sign is flipped"),
         "KL with + log σ²": (
             [("    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar)\n",
               "    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 + logvar)\n")],
-            "kl_divergence"),
+            "kl_divergence", "wrong sign: it is − log σ²"),
         "KL averaged instead of summed": (
             [("    return kl.flatten(1).sum(1)  # (B,)\n", "    return kl.flatten(1).mean(1)\n")],
-            "kl_divergence"),
+            "kl_divergence", "averaged over each sample's values"),
         "scale = std instead of 1 / std": (
             [("    return 1.0 / latents.float().std()\n", "    return latents.float().std()\n")],
             "latent_scale: 1 / std"),
@@ -75,6 +59,10 @@ WRONG = {
     "A7_ddpm": {
         "ᾱ as a cumulative product of β": (
             [("    return torch.cumprod(1 - betas, dim=0)\n", "    return 1 - torch.cumprod(betas, dim=0)\n")],
+            "alphas_cumprod", "not 1 minus the product"),
+        "ᾱ of the linear schedule whatever the betas": (
+            [("    return torch.cumprod(1 - betas, dim=0)\n",
+              "    return torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), dim=0)\n")],
             "alphas_cumprod"),
         "q_sample with variances as coefficients (wrong variance)": (
             [("    return a.sqrt() * x0 + (1 - a).sqrt() * noise\n", "    return a * x0 + (1 - a) * noise\n")],
@@ -82,7 +70,19 @@ WRONG = {
         "q_sample with reversed time (ᾱ_{T−1−k})": (
             [("    a = alphas_cumprod[k].reshape(",
               "    a = alphas_cumprod[alphas_cumprod.shape[0] - 1 - k].reshape(")],
-            "q_sample: x_k"),
+            "q_sample: x_k", "time is reversed"),
+        "q_sample with ᾱ off by one": (
+            [("    a = alphas_cumprod[k].reshape(", "    a = alphas_cumprod[k - 1].reshape(")],
+            "q_sample: x_k", "off by one"),
+        # the mistakes that passed the old self-checks or the old grader
+        "q_sample returns float64 for float32 images (the old hint)": (
+            [("    a = alphas_cumprod[k].reshape(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)  # (B, 1, …)\n",
+              "    a = alphas_cumprod[k].reshape(-1, *[1] * (x0.ndim - 1))\n")],
+            "q_sample: x_k has the dtype", "float32 images came back as float64"),
+        "q_sample for 4-D images only": (
+            [("    a = alphas_cumprod[k].reshape(-1, *[1] * (x0.ndim - 1)).to(x0.dtype)  # (B, 1, …)\n",
+              "    a = alphas_cumprod[k].reshape(-1, 1, 1, 1).to(x0.dtype)\n")],
+            "q_sample: any shape", "expected shape (3, 7)"),
         "DDIM x0 estimate with the wrong sign": (
             [("    x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)\n",
               "    x0 = (x + math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)\n")],
@@ -97,7 +97,7 @@ WRONG = {
             "ddim_sample: one call"),
         "model called with the integer step instead of k / T": (
             [("torch.full((x.shape[0],), k / T)", "torch.full((x.shape[0],), float(k))")],
-            "ddim_sample: one call"),
+            "ddim_sample: one call", "not the integer step k"),
         "last step re-noises instead of returning x0": (
             [("if j + 1 < len(ks) else 1.0\n", "if j + 1 < len(ks) else alphas_cumprod[0].item()\n")],
             "ddim_sample: matches"),
@@ -108,11 +108,9 @@ CASES = [(name, label) for name, wrongs in WRONG.items() for label in wrongs]
 
 @pytest.mark.parametrize(("name", "label"), CASES, ids=[f"{n.split('_')[0]}-{lab}" for n, lab in CASES])
 def test_known_wrong_implementation_fails(grader, tmp_path, name, label):
-    replacements, expected = WRONG[name][label]
+    replacements, expected, *phrase = WRONG[name][label]
     results = grader.grade(variant(tmp_path, name, replacements), assignment=name)
-    lost = [t["name"] for t in results["tests"] if t["score"] < t["max_score"]]
-    assert lost, f"{name}: '{label}' scored full marks"
-    assert any(n.startswith(expected) for n in lost), f"{name}: '{label}' lost {lost}, not '{expected}…'"
+    assert_known_wrong(results, name, label, expected, *phrase)
 
 
 # ---- the references the checks compare with, against independent closed forms ---------------------------------
@@ -130,6 +128,7 @@ def test_a6_references_match_closed_forms():
 
 def test_a7_references_match_closed_forms():
     abar = a7_ddpm._abar()
+    assert torch.equal(abar, ddpm.DDPMSchedule("linear").alphas_cumprod)  # the package's schedule, computed here
     naive = [1.0]
     for b in a7_ddpm._betas().tolist():  # ᾱ_k by a plain loop
         naive.append(naive[-1] * (1 - b))

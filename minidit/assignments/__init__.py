@@ -1,7 +1,10 @@
-"""The course's graded assignments: one module per assignment, each with NAME, TITLE and CHECKS (see minidit.grading).
+"""The course's graded assignments: one module per assignment, each with NAME, TITLE, CHECKS and DISABLED.
 
-A module's CHECKS is a list of `minidit.grading.Check`; the probes name the notebook objects they need.
-Solutions live in `solutions/<NAME>.ipynb`, exercises are generated into `exercises/<NAME>.ipynb`.
+A module's CHECKS is a list of `minidit.grading.Check`; the probes name the notebook objects they need. DISABLED
+lists the package's own implementations of what the student writes ('module:function' or 'module:Class.method');
+they raise while a check runs (see minidit.grading). `common` holds the toys and judges several assignments share.
+Solutions live in `solutions/<NAME>.ipynb`, exercises are generated into `exercises/<NAME>.ipynb`. Register a new
+assignment with one entry below.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ ASSIGNMENTS: dict[str, str] = {
     "A6_vae": "minidit.assignments.a6_vae",
     "A7_ddpm": "minidit.assignments.a7_ddpm",
     "A8_joint_attention": "minidit.assignments.a8_joint_attention",
+    "A9_guidance": "minidit.assignments.a9_guidance",
+    "A10_reflow": "minidit.assignments.a10_reflow",
+    "A11_cross_resolution": "minidit.assignments.a11_cross_resolution",
 }
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 import torch
 
 from minidit import models
-from minidit.grading.checks import Check, randn, randomize_
+from minidit.grading.checks import Answer, Check, randn, randomize_
 
 NAME = "A2_adaln_zero"
 TITLE = "The adaLN-Zero block"
+DISABLED = ["minidit.models:modulate", "minidit.models:Mlp.forward", "minidit.models:DiTBlock.forward"]
 
 D, H, B, T = 32, 4, 3, 6
 
@@ -21,6 +22,20 @@ def _modulate_cases(modulate) -> list:
     # B = T = 3 makes a wrong broadcast (over the batch instead of the tokens) run silently, and wrong
     return [modulate(randn(1, 2, 5, 8), randn(2, 2, 8), randn(3, 2, 8)),
             modulate(randn(4, 3, 3, 4), randn(5, 3, 4), randn(6, 3, 4))]
+
+
+def _modulate_answer() -> Answer:
+    def over_batch(x, shift, scale):
+        return x * (1 + scale.unsqueeze(0)) + shift.unsqueeze(0)
+
+    def without_one(x, shift, scale):
+        return x * scale.unsqueeze(1) + shift.unsqueeze(1)
+
+    return Answer(_modulate_cases(models.modulate), {
+        "shift and scale are broadcast over the batch axis; each image's vectors must apply to all of its tokens "
+        "(a token axis of size 1)": lambda: _modulate_cases(over_batch),
+        "the scale is applied as x·scale; adaLN uses x·(1 + scale), so that scale = 0 leaves x unchanged":
+        lambda: _modulate_cases(without_one)})
 
 
 def _reference_mlp() -> models.Mlp:
@@ -39,7 +54,8 @@ def _reference_block(seed: int | None) -> models.DiTBlock:
 
 
 def _state_keys(DiTBlock) -> dict:
-    return {k: list(v.shape) for k, v in DiTBlock(D, H).state_dict().items()}
+    blocks = {f"mlp_ratio = {ratio:g}": DiTBlock(D, H, mlp_ratio=ratio) for ratio in (4.0, 2.0)}
+    return {name: {k: list(v.shape) for k, v in block.state_dict().items()} for name, block in blocks.items()}
 
 
 def _fresh_probe(DiTBlock) -> torch.Tensor:
@@ -90,10 +106,10 @@ def _norms(DiTBlock) -> list:
 
 CHECKS = [
     Check("modulate: x·(1 + scale) + shift, broadcast over the tokens", points=1,
-          probe=_modulate_cases, expect=lambda: _modulate_cases(models.modulate)),
+          probe=_modulate_cases, expect=_modulate_answer),
     Check("Mlp: fc1 → tanh-GELU → fc2 (same output as minidit.models.Mlp with the same weights)", points=1,
           probe=_mlp_probe, expect=lambda: _reference_mlp()(3 * randn(11, B, T, D))),
-    Check("DiTBlock: parameter names and shapes match minidit.models.DiTBlock (non-affine LayerNorms)", points=1,
+    Check("DiTBlock: parameter names and shapes match minidit.models.DiTBlock, for mlp_ratio 4 and 2", points=1,
           probe=_state_keys, expect=lambda: _state_keys(models.DiTBlock)),
     Check("DiTBlock: LayerNorms without affine parameters, eps = 1e-6", points=1,
           probe=_norms, expect=lambda: [[False, 1e-6], [False, 1e-6]], atol=1e-12, rtol=0),

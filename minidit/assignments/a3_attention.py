@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from minidit import attention
-from minidit.grading.checks import Check, randn, randomize_
+from minidit.grading.checks import Answer, Check, randn, randomize_
 
 NAME = "A3_attention"
 TITLE = "Attention with masks, multi-head self- and cross-attention"
+DISABLED = ["minidit.attention:attention", "minidit.attention:split_heads", "minidit.attention:merge_heads",
+            "minidit.attention:AttentionModule.attend", "minidit.attention:Attention.forward",
+            "minidit.attention:CrossAttention.forward"]
 
 B, HEADS, TQ, TK, HD = 2, 3, 5, 7, 8
 D, CTX, T, L = 16, 12, 6, 5
@@ -34,10 +37,19 @@ def _sdpa_probe(scaled_dot_product_attention) -> dict:
     return {"out": out, "weights": w}
 
 
-def _sdpa_expect() -> dict:
+def _sdpa_expect() -> Answer:
     q, k, v = _qkv(0)
     _, w = attention.attention(q, k, v, return_weights=True)
-    return {"out": F.scaled_dot_product_attention(q, k, v), "weights": w}
+
+    def explicit(scale: float, dim: int) -> dict:
+        weights = (q @ k.transpose(-2, -1) * scale).softmax(dim=dim)
+        return {"out": weights @ v, "weights": weights}
+
+    return Answer({"out": F.scaled_dot_product_attention(q, k, v), "weights": w}, {
+        "the scores are not scaled: divide q·kᵀ by √d (d = the size of one query)": lambda: explicit(1.0, -1),
+        "the scores are divided by d; the scale is 1/√d": lambda: explicit(1 / HD, -1),
+        "the softmax runs over the queries; each query's weights over the keys (the last axis) must sum to 1":
+            lambda: explicit(HD**-0.5, -2)})
 
 
 def _sdpa_mask_probe(scaled_dot_product_attention) -> dict:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 from minidit import vae
-from minidit.grading.checks import Check, randn
+from minidit.grading.checks import Answer, Check, randn
 
 NAME = "A6_vae"
 TITLE = "VAE: reparameterisation, KL divergence and the latent scale factor"
+DISABLED = ["minidit.vae:reparameterize", "minidit.vae:kl_divergence", "minidit.vae:compute_scale",
+            "minidit.vae:vae_loss"]
 
 B, C, S = 3, 4, 2  # batch, latent channels, latent grid size
 
@@ -27,9 +29,13 @@ def _reparam_probe(reparameterize) -> torch.Tensor:
     return reparameterize(mean, logvar, randn(2, B, C, S, S))
 
 
-def _reparam_expect() -> torch.Tensor:
+def _reparam_expect() -> Answer:
     mean, logvar = _posterior()
-    return vae.reparameterize(mean, logvar, randn(2, B, C, S, S))
+    noise = randn(2, B, C, S, S)
+    return Answer(vae.reparameterize(mean, logvar, noise), {
+        "the log-variance is used as the standard deviation; σ = exp(½·logvar)": lambda: mean + logvar * noise,
+        "the variance is used as the standard deviation; σ = exp(½·logvar), the square root of exp(logvar)":
+            lambda: mean + logvar.exp() * noise})
 
 
 def _grad_probe(reparameterize) -> dict:
@@ -55,12 +61,28 @@ def _spread_probe(reparameterize) -> float:
 
 def _kl_probe(kl_divergence) -> list:
     mean, logvar = _posterior()
-    return [kl_divergence(mean, logvar), kl_divergence(torch.zeros(2, 3, 2, 2), torch.zeros(2, 3, 2, 2))]
+    return [kl_divergence(mean, logvar), kl_divergence(torch.zeros(2, 3, 2, 2), torch.zeros(2, 3, 2, 2)),
+            kl_divergence(mean.flatten(1), logvar.flatten(1))]  # and (B, D) vectors
 
 
-def _kl_expect() -> list:
+def _kl_expect() -> Answer:
     mean, logvar = _posterior()
-    return [vae.kl_divergence(mean, logvar), torch.zeros(2)]
+
+    def cases(terms):
+        kl = terms(mean, logvar)
+        return [kl.flatten(1).sum(1), torch.zeros(2), kl.flatten(1).sum(1)]
+
+    def averaged(m, lv):
+        kl = 0.5 * (m**2 + lv.exp() - 1 - lv)
+        return [kl.flatten(1).mean(1), torch.zeros(2), kl.flatten(1).mean(1)]
+
+    return Answer([vae.kl_divergence(mean, logvar), torch.zeros(2), vae.kl_divergence(mean, logvar)], {
+        "the sign is flipped: the KL is ≥ 0, ½·Σ(μ² + σ² − 1 − log σ²)":
+            lambda: cases(lambda m, lv: -0.5 * (m**2 + lv.exp() - 1 - lv)),
+        "the log-variance term has the wrong sign: it is − log σ²":
+            lambda: cases(lambda m, lv: 0.5 * (m**2 + lv.exp() - 1 + lv)),
+        "the KL is averaged over each sample's values; sum them (one KL per sample, in nats)":
+            lambda: averaged(mean, logvar)})
 
 
 def _latents() -> torch.Tensor:
@@ -82,7 +104,8 @@ CHECKS = [
     Check("reparameterize: gradients flow into mean and logvar", points=1, probe=_grad_probe, expect=_grad_expect),
     Check("reparameterize: without noise given, samples have std σ (σ = 0.5)", points=1, probe=_spread_probe,
           expect=lambda: 0.5, atol=0.02, rtol=0.0),
-    Check("kl_divergence: ½·Σ(μ² + σ² − 1 − log σ²) per sample (B,), and 0 for N(0, I)", points=3,
+    Check("kl_divergence: ½·Σ(μ² + σ² − 1 − log σ²) per sample (B,), 0 for N(0, I); latents and (B, D) vectors",
+          points=3,
           probe=_kl_probe, expect=_kl_expect, atol=1e-4),
     Check("latent_scale: 1 / std of the latents", points=1,
           probe=lambda latent_scale: float(latent_scale(_latents())), expect=_scale_expect),

@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 
 from minidit import mmdit
-from minidit.grading.checks import Check, randn, randomize_
+from minidit.grading.checks import Answer, Check, randn, randomize_
 
 NAME = "A8_joint_attention"
 TITLE = "Joint attention for MMDiT"
+DISABLED = ["minidit.mmdit:joint_attention", "minidit.mmdit:concat_text_image", "minidit.mmdit:JointAttention.heads",
+            "minidit.mmdit:JointAttention.forward"]
 
 B, H, L, T, HD = 2, 3, 5, 7, 8
 D = 24
@@ -34,8 +36,21 @@ def _fn_probe(joint_attention) -> list:
     return list(joint_attention(*_qkv(0)))
 
 
-def _fn_expect() -> list:
-    return list(mmdit.joint_attention(*_qkv(0)))
+def _fn_answer() -> Answer:
+    qkv = _qkv(0)
+
+    def explicit(scale: float, per_modality: bool = False, split: int = L) -> list:
+        q, k, v = (torch.cat([a, b], dim=2) for a, b in zip(qkv[:3], qkv[3:]))
+        scores = q @ k.transpose(-2, -1) * scale
+        w = (torch.cat([scores[..., :L].softmax(-1), scores[..., L:].softmax(-1)], -1) / 2 if per_modality
+             else scores.softmax(-1))
+        out = w @ v
+        return [out[:, :, :split], out[:, :, split:]]
+
+    return Answer(list(mmdit.joint_attention(*qkv)), {
+        "the scores are not scaled: divide q·kᵀ by √d": lambda: explicit(1.0),
+        "each modality gets its own softmax: one softmax over all L + T keys": lambda: explicit(HD**-0.5, True),
+        "the output is split at T instead of L: the first L rows are the text's": lambda: explicit(HD**-0.5, split=T)})
 
 
 def _fn_mask_probe(joint_attention) -> dict:
@@ -63,6 +78,16 @@ def _both_ways_probe(joint_attention) -> dict:
     _, out_i2 = joint_attention(qkv[0], k_t, qkv[2], *qkv[3:])
     return {"text_reads_image": bool((out_t2 - out_t).abs().max() > 1e-3),
             "image_reads_text": bool((out_i2 - out_i).abs().max() > 1e-3)}
+
+
+def _judge_both_ways(got, _) -> str | None:
+    if not isinstance(got, dict):
+        return f"expected two answers, got {type(got).__name__}"
+    if got.get("text_reads_image") is not True:
+        return "changing the image keys did not change the text outputs: text queries must attend to image keys too"
+    if got.get("image_reads_text") is not True:
+        return "changing the text keys did not change the image outputs: image queries must attend to text keys too"
+    return None
 
 
 def _reference(qk_norm: bool = False, pre_only: bool = False) -> mmdit.JointAttention:
@@ -98,17 +123,18 @@ def _pre_only_probe(JointAttention) -> dict:
 
 
 def _pre_only_expect() -> dict:
-    out_img, _ = _reference(pre_only=True)(randn(44, B, T, D), randn(45, B, L, D), _txt_mask())
-    return {"image": out_img, "text_is_none": True, "has_proj_txt": False}
+    reference = _reference(pre_only=True)
+    return {"image": reference(randn(44, B, T, D), randn(45, B, L, D), _txt_mask())[0], "text_is_none": True,
+            "has_proj_txt": False}
 
 
 CHECKS = [
     Check("joint_attention: concatenate, one softmax, split back (= minidit.mmdit.joint_attention)", points=2,
-          probe=_fn_probe, expect=_fn_expect),
+          probe=_fn_probe, expect=_fn_answer, atol=1e-5, rtol=1e-4),
     Check("joint_attention: the text padding mask (padded text keys ignored by text AND image queries)", points=2,
           probe=_fn_mask_probe, expect=_fn_mask_expect),
     Check("joint_attention: information flows both ways (text reads the image, the image reads the text)", points=1,
-          probe=_both_ways_probe, expect=lambda: {"text_reads_image": True, "image_reads_text": True}),
+          probe=_both_ways_probe, judge=_judge_both_ways),
     Check("JointAttention: the package module's weights give the same outputs (with a mask)", points=2,
           probe=_module_probe, expect=_module_expect),
     Check("JointAttention(qk_norm=True): RMSNorm of q and k per head and per modality", points=1,

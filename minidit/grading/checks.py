@@ -16,13 +16,15 @@ import inspect
 import math
 import reprlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 VISIBILITIES = ("visible", "hidden", "after_due_date", "after_published")  # Gradescope's values
 MAX_ELEMENTS = 1_000_000  # largest tensor a probe may send back
+FLOAT_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -62,7 +64,35 @@ class Check:
         """None when `got` passes, else a short message (runs in the grader)."""
         if self.judge is not None:
             return self.judge(got, want)
+        if isinstance(want, Answer):
+            return want.explain(got, self.atol, self.rtol)
         return compare(got, want, self.atol, self.rtol)
+
+
+@dataclass
+class Answer:
+    """What `expect` may return: the right value, and what known mistakes would give instead (description → value).
+
+    When `got` is not the value but matches a mistake's, the message names the mistake in words. A mistake's value
+    may be given as a function of no arguments: it is computed only when needed (and ignored if it raises, e.g. when
+    that mistake would not even run on the check's inputs)."""
+
+    value: Any
+    mistakes: dict[str, Any] = field(default_factory=dict)
+
+    def explain(self, got: Any, atol: float = 1e-5, rtol: float = 1e-4) -> str | None:
+        msg = compare(got, self.value, atol, rtol)
+        if msg is None:
+            return None
+        for description, wrong in self.mistakes.items():
+            try:
+                if callable(wrong):
+                    wrong = wrong()
+                if compare(got, wrong, atol, rtol) is None:
+                    return f"{description} ({msg})"
+            except Exception:  # noqa: BLE001,S112 — a mistake's value that cannot be compared is no match
+                continue
+        return msg
 
 
 # ---- the wire format: raw outputs as JSON-safe data ------------------------------------------------------
@@ -133,8 +163,10 @@ def _decode_tensor(data: dict) -> torch.Tensor:
         return torch.tensor(flat, dtype=torch.bool).reshape(shape)
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
         raise ProtocolError("numeric tensor with non-numeric data")
-    kind = torch.int64 if dtype.startswith(("int", "uint")) else torch.float64
-    return torch.tensor(flat, dtype=kind).reshape(shape)
+    if dtype.startswith(("int", "uint")):
+        return torch.tensor(flat, dtype=torch.int64).reshape(shape)
+    # floats keep the sandbox's dtype (the values travelled as float64, exactly), so that checks can see it
+    return torch.tensor(flat, dtype=torch.float64).reshape(shape).to(FLOAT_DTYPES.get(dtype, torch.float64))
 
 
 # ---- judging -----------------------------------------------------------------------------------------------
@@ -174,8 +206,8 @@ def compare(got: Any, want: Any, atol: float = 1e-5, rtol: float = 1e-4, where: 
         if not bad.any():
             return None
         idx = tuple(int(i) for i in torch.nonzero(bad)[0])
-        return (f"values differ{at}: max |got − expected| = {err.max().item():.3g} (tolerance {atol:g}); "
-                f"first at index {idx}: got {g[idx].item():.6g}, expected {w[idx].item():.6g}")
+        return (f"values differ{at}{diagnose(g, w, atol, rtol)}: max |got − expected| = {err.max().item():.3g} "
+                f"(tolerance {atol:g}); first at index {idx}: got {g[idx].item():.6g}, expected {w[idx].item():.6g}")
     if isinstance(want, dict):
         if not isinstance(got, dict):
             return f"expected a dict with keys {sorted(want)}{at}, got {_kind(got)}"
@@ -207,6 +239,28 @@ def compare(got: Any, want: Any, atol: float = 1e-5, rtol: float = 1e-4, where: 
         shown = _kind(got) if isinstance(got, Opaque) else reprlib.repr(got)
         return f"expected {reprlib.repr(want)}{at}, got {shown}"
     return None
+
+
+def diagnose(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4) -> str:
+    """A few words on HOW two same-shape tensors differ, when it is a simple pattern (sign, scale, offset, order)."""
+
+    def close(a, b) -> bool:
+        return bool(((a - b).abs() <= atol + rtol * b.abs()).all())
+
+    g, w = got.detach().double().reshape(-1), want.detach().double().reshape(-1)
+    if g.numel() < 2 or w.abs().max() <= atol:
+        return ""
+    if close(g, -w):
+        return " (the sign is flipped)"
+    k = int(w.abs().argmax())
+    ratio = float(g[k] / w[k]) if w[k] != 0 else float("nan")
+    if math.isfinite(ratio) and ratio != 0 and close(g, ratio * w):
+        return f" (every value is {ratio:.4g} × the expected one: a scale factor)"
+    if close(g - (g - w).mean(), w):
+        return f" (every value is off by the same {float((g - w).mean()):+.4g}: a missing or extra offset)"
+    if close(g.sort().values, w.sort().values):
+        return " (the right values in the wrong order: check the order of axes or of the items)"
+    return ""
 
 
 # ---- helpers for writing checks ----------------------------------------------------------------------------

@@ -30,12 +30,16 @@ import torch
 import minidit
 from minidit.assignments import for_notebook, get_assignment, resolve_name
 from minidit.grading.checks import Check, ProtocolError, decode
-from minidit.grading.sandbox import become_subreaper, kill_children
+from minidit.grading.sandbox import become_subreaper, kill_children, resolve
 
 MAX_MESSAGE = 64 << 20  # bytes in one message from the sandbox
 GRACE = 5.0  # seconds the grader waits beyond a check's own timeout before it kills the sandbox
 MAX_RESTARTS = 6  # sandbox restarts per notebook (each re-executes the notebook)
 MAX_EXECUTIONS = 3  # notebook runs that may end early (a cell timed out or killed the process)
+RUNS_CLEANLY = "your notebook runs from top to bottom without errors (a warning only: 0 points)"
+CELL_ERROR_POLICY = ("Cells that raise an error cost no points by themselves: each check grades the functions your "
+                     "notebook defines. But a self-check that fails almost always means a graded check fails too: "
+                     "fix the first error first.")
 
 
 class GradingError(Exception):
@@ -94,6 +98,19 @@ class CheckModule:
     checks: list[Check]
     source: str
     filename: str
+    disabled: list[str] = field(default_factory=list)  # 'module:name' of the package's answers (see DISABLED)
+
+
+def _disabled(mod, where: str) -> list[str]:
+    """A check module's DISABLED: the package functions that implement what the student writes (validated here)."""
+    targets = getattr(mod, "DISABLED", ())
+    if isinstance(targets, str) or not all(isinstance(t, str) and ":" in t for t in targets):
+        raise GradingError(f"{where}: DISABLED must be a list of 'module:name' strings, got {targets!r}")
+    try:
+        resolve(list(targets))
+    except (ImportError, AttributeError) as e:
+        raise GradingError(f"{where}: DISABLED names something that does not exist ({e})") from e
+    return list(targets)
 
 
 def assignment_module(name: str) -> CheckModule:
@@ -102,7 +119,8 @@ def assignment_module(name: str) -> CheckModule:
     except ValueError as e:
         raise GradingError(str(e)) from None
     path = Path(mod.__file__)
-    return CheckModule(mod.__name__, list(mod.CHECKS), path.read_text(encoding="utf-8"), str(path))
+    return CheckModule(mod.__name__, list(mod.CHECKS), path.read_text(encoding="utf-8"), str(path),
+                       _disabled(mod, mod.__name__))
 
 
 def hidden_modules(tests_dir: str | Path, assignment: str) -> list[CheckModule]:
@@ -126,7 +144,7 @@ def hidden_modules(tests_dir: str | Path, assignment: str) -> list[CheckModule]:
         checks = getattr(mod, "CHECKS", None)
         if not isinstance(checks, list) or not all(isinstance(c, Check) for c in checks):
             raise GradingError(f"hidden tests {path}: CHECKS must be a list of minidit.grading.Check")
-        out.append(CheckModule(key, checks, path.read_text(encoding="utf-8"), str(path)))
+        out.append(CheckModule(key, checks, path.read_text(encoding="utf-8"), str(path), _disabled(mod, str(path))))
     return out
 
 
@@ -158,6 +176,7 @@ class _Run:
     cells: list[str]
     modules: dict[str, dict]
     timeout: float
+    disabled: list[str] = field(default_factory=list)
     skip: set[int] = field(default_factory=set)
     cell_errors: dict[int, str] = field(default_factory=dict)
     sandbox: int | None = None  # pid of the live sandbox
@@ -337,7 +356,8 @@ class Grader:
             self._kill_zygote()
             self._start()
         self._send({"type": "spawn", "cells": run.cells, "skip": sorted(run.skip), "modules": run.modules,
-                    "memory_mb": self.memory_mb, "drop": self.drop, "workdir": self._workdir})
+                    "disabled": run.disabled, "memory_mb": self.memory_mb, "drop": self.drop,
+                    "workdir": self._workdir})
         msg = self._recv(time.monotonic() + 60)
         if not msg or msg.get("type") != "spawned":
             self._kill_zygote()
@@ -361,7 +381,7 @@ class Grader:
                     current = msg["index"]
                 elif kind == "cell" and msg.get("event") == "end":
                     if first and isinstance(msg.get("error"), str) and isinstance(msg.get("index"), int):
-                        run.cell_errors.setdefault(msg["index"], msg["error"][:300])
+                        run.cell_errors.setdefault(msg["index"], msg["error"][:600])
                     current = None
                 elif kind == "executed":
                     return True
@@ -424,6 +444,9 @@ class Grader:
         if isinstance(result.get("foreign"), list) and len(result["foreign"]) == 2:
             name, origin = (str(s)[:80] for s in result["foreign"])
             return False, f"`{name}` comes from the module `{origin}`: define it yourself in the notebook"
+        if isinstance(result.get("copied"), list) and len(result["copied"]) == 2:
+            name, origin = (str(s)[:80] for s in result["copied"])
+            return False, f"`{name}` runs the code of `{origin}`: write it yourself in the notebook"
         if "error" in result:
             return False, f"raised {str(result['error'])[:1500]}"
         if "value" not in result:
@@ -467,11 +490,13 @@ class Grader:
                 problem = str(e)
         tests = []
         if problem is not None:
+            tests.append(_warning(False, f"not run: {problem}"))
             for mod in mods:
                 for c in mod.checks:
                     tests.append(_test(c, False, f"not graded: {problem}"))
             return _results(name, tests, time.monotonic() - t0, f"{problem}. Nothing could be graded.")
-        run = _Run(cells, {m.key: {"source": m.source, "filename": m.filename} for m in mods}, timeout)
+        disabled = sorted({t for m in mods for t in m.disabled})
+        run = _Run(cells, {m.key: {"source": m.source, "filename": m.filename} for m in mods}, timeout, disabled)
         try:
             self._execute(run)
             for mod in mods:
@@ -481,7 +506,10 @@ class Grader:
                     tests.append(_test(c, ok, msg))
         finally:
             self._kill_sandbox(run)
-        summary = _summary(path.name, name, cells, run)
+        problems = _cell_problems(run)
+        tests.insert(0, _warning(not problems, "\n".join(problems) + f"\n{CELL_ERROR_POLICY}" if problems else
+                                 "every cell ran without an error"))
+        summary = _summary(path.name, name, cells, run, problems)
         return _results(name, tests, time.monotonic() - t0, summary)
 
 
@@ -490,11 +518,25 @@ def _test(check: Check, ok: bool, message: str) -> dict:
             "status": "passed" if ok else "failed", "output": message, "visibility": check.visibility}
 
 
-def _summary(filename: str, name: str, cells: list[str], run: _Run) -> str:
-    lines = [f"Graded {filename} as {name}: {len(cells)} code cells."]
-    for i, err in sorted(run.cell_errors.items()):
-        lines.append(f"  code cell {i + 1}: {err}")
-    lines += [f"  note: {n}" for n in run.notes]
+def _warning(ok: bool, message: str) -> dict:
+    """The 0-point entry that flags a notebook whose own cells raise (the policy: a visible warning, no deduction)."""
+    return {"name": RUNS_CLEANLY, "score": 0.0, "max_score": 0.0, "status": "passed" if ok else "failed",
+            "output": message, "visibility": "visible"}
+
+
+def _cell_problems(run: _Run) -> list[str]:
+    """One line per cell that raised, numbered as Jupyter numbers cells after Restart & Run All (In [n])."""
+    lines = [f"In [{i + 1}]: {err}" for i, err in sorted(run.cell_errors.items())]
+    return lines + [f"note: {n}" for n in run.notes]
+
+
+def _summary(filename: str, name: str, cells: list[str], run: _Run, problems: list[str]) -> str:
+    lines = [f"Graded {filename} as {name}: {len(cells)} code cells, run from the top as Jupyter's "
+             f"Restart & Run All would (In [1] … In [{len(cells)}])."]
+    if problems:
+        lines.append("Warning: your notebook does not run from top to bottom without errors (no points are "
+                     "deducted for this by itself):")
+        lines += ["  " + line.replace("\n", "\n    ") for line in problems]
     return "\n".join(lines)
 
 
@@ -523,6 +565,10 @@ def format_table(results: dict) -> str:
     """The score table printed by `minidit grade`."""
     rows = [f"{'score':>6} {'max':>5}  check"]
     for t in results["tests"]:
+        if t["name"] == RUNS_CLEANLY:
+            if t["status"] == "failed":
+                rows.append(f"{'':6} {'':5}  ⚠ {t['name']}: NO — see above")
+            continue
         mark = "✓" if t["score"] >= t["max_score"] else "✗"
         rows.append(f"{t['score']:6.1f} {t['max_score']:5.1f}  {mark} {t['name']}")
         if t["score"] < t["max_score"]:

@@ -6,11 +6,13 @@ Process tree (all Linux processes, all talking JSON lines over two pipes):
       └─ zygote: imports torch, IPython, minidit once, runs no student code; a child subreaper
            └─ sandbox (one per notebook run, forked): own session, memory/file-size limits, optional drop to
               `nobody`; executes the notebook's code cells in an IPython shell, continuing past errors
-                └─ check child (one per check, forked from the executed sandbox): runs one probe, sends its raw
-                   output, exits; killed by the sandbox after the check's timeout
+                └─ check child (one per check, forked from the executed sandbox): switches off the package's
+                   answers (DISABLED), runs one probe, sends its raw output, exits; killed after the check's timeout
 
 The grader enforces every time limit again from outside (and kills the whole sandbox session), so a
 submission that breaks this side (kills it, patches it, floods the pipe) only loses its own points.
+Cells run with the execution counts of Restart & Run All, so a frame in a cell is named <ipython-input-N-…> and
+errors are reported as "In [N], line L, in f", with the student's frames only.
 """
 
 from __future__ import annotations
@@ -205,7 +207,44 @@ def _make_shell():
     return _new_shell()
 
 
-def _run_cell(shell, source: str) -> str | None:
+CELL_FILE = "<ipython-input-"  # IPython names a cell's code <ipython-input-N-hash>, N = its execution count
+
+
+def cell_number(filename: str) -> int | None:
+    """The N of In [N] for a frame of a notebook cell (cells run with execution counts 1, 2, … in order), else None."""
+    if not filename.startswith(CELL_FILE):
+        return None
+    try:
+        return int(filename[len(CELL_FILE):].split("-")[0])
+    except ValueError:
+        return None
+
+
+def student_frames(tb) -> list[str]:
+    """The traceback's frames in the notebook's own cells, as "In [N], line L, in f: `code`" (no torch, no grader)."""
+    out = []
+    for f in traceback.extract_tb(tb):
+        n = cell_number(f.filename)
+        if n is not None:
+            where = "" if f.name == "<module>" else f", in {f.name}"
+            code = (f.line or "").strip()
+            shown = code and not code.startswith("raise ")  # a raise line repeats the message
+            out.append(f"In [{n}], line {f.lineno}{where}" + (f": `{code[:160]}`" if shown else ""))
+    return out
+
+
+def describe_error(e: BaseException) -> str:
+    """'Type: message', then where it was raised in the student's code (the last frames in their cells only)."""
+    try:
+        head = f"{type(e).__name__}: {e}".strip()
+        head = head[:700] + (" …" if len(head) > 700 else "")
+        return head + "".join(f"\n  at {f}" for f in student_frames(e.__traceback__)[-3:])
+    except BaseException:  # noqa: BLE001 — a hostile __str__
+        return type(e).__name__[:100]
+
+
+def _run_cell(shell, source: str, number: int) -> str | None:
+    shell.execution_count = number  # the cell's code is named <ipython-input-number-…>: In [number] in Jupyter
     try:
         r = shell.run_cell(source, store_history=False)
         err = r.error_before_exec or r.error_in_exec
@@ -213,10 +252,46 @@ def _run_cell(shell, source: str) -> str | None:
         err = e
     if err is None:
         return None
-    try:
-        return f"{type(err).__name__}: {err}"[:300]
-    except BaseException:  # noqa: BLE001 — a hostile __str__
-        return type(err).__name__[:100]
+    return describe_error(err)[:600]
+
+
+# ---- the package's own answers, switched off while a check runs ------------------------------------------------
+def resolve(targets: list[str]) -> list[tuple[str, types.FunctionType]]:
+    """'module:name' or 'module:Class.method' (a class: each method of its own) → (label, function) pairs.
+
+    Resolved before any student code runs, so that a notebook cannot hide a function by rebinding a name."""
+    out = []
+    for target in targets:
+        modname, _, qual = str(target).partition(":")
+        obj = importlib.import_module(modname)
+        for part in qual.split("."):
+            obj = getattr(obj, part)
+        label = f"{modname}.{qual}"
+        fns = [v for v in vars(obj).values() if isinstance(v, types.FunctionType)] if isinstance(obj, type) else [obj]
+        for fn in fns:
+            while isinstance(fn, types.FunctionType):  # decorated functions: the wrapper and what it wraps
+                out.append((label, fn))
+                fn = getattr(fn, "__wrapped__", None)
+    return out
+
+
+def _disabled_code(label: str, nfree: int) -> types.CodeType:
+    """The code of a function that raises, with `nfree` free variables (a function's closure must keep its size)."""
+    free = [f"_free{i}" for i in range(nfree)]
+    message = (f"{label} is switched off while the grader runs this check: the check grades your own code, "
+               f"so write it without calling the package's version")
+    src = ("def _outer():\n" + "".join(f"    {v} = None\n" for v in free) + "    def disabled(*args, **kwargs):\n"
+           + (f"        {', '.join(free)}\n" if free else "") + f"        raise RuntimeError({message!r})\n"
+           + "    return disabled\n")
+    ns: dict = {}
+    exec(compile(src, "<disabled>", "exec"), ns)
+    return ns["_outer"]().__code__
+
+
+def disable(functions: list[tuple[str, types.FunctionType]]) -> None:
+    """Make every listed function raise, through whatever name or alias it is called (its code is replaced)."""
+    for label, fn in functions:
+        fn.__code__ = _disabled_code(label, len(fn.__code__.co_freevars))
 
 
 def _sandbox(req: dict, pipe: Pipe, checks_spec: dict) -> None:
@@ -234,12 +309,16 @@ def _sandbox(req: dict, pipe: Pipe, checks_spec: dict) -> None:
         os.environ["HOME"] = req["workdir"]
         shell = _make_shell()
         run_check, load = _check_child, load_check_module  # bound now: the notebook may patch this module
+        answers = resolve(req.get("disabled", []))  # the package's versions of what the student writes
+        # their code objects, before any student code ran (not a decorator's wrapper: torch.no_grad's is shared)
+        package = os.path.dirname(os.path.dirname(os.path.abspath(checks.__file__)))
+        codes = [(fn.__code__, label) for label, fn in answers if fn.__code__.co_filename.startswith(package)]
         skip = set(req["skip"])
         for i, src in enumerate(req["cells"]):
             if i in skip:
                 continue
             pipe.send({"type": "cell", "index": i, "event": "start"})
-            pipe.send({"type": "cell", "index": i, "event": "end", "error": _run_cell(shell, src)})
+            pipe.send({"type": "cell", "index": i, "event": "end", "error": _run_cell(shell, src, i + 1)})
         pipe.send({"type": "executed"})
         fork, waitpid, monotonic, sleep = os.fork, os.waitpid, time.monotonic, time.sleep
         while True:
@@ -248,7 +327,7 @@ def _sandbox(req: dict, pipe: Pipe, checks_spec: dict) -> None:
                 os._exit(0)
             pid = fork()
             if pid == 0:
-                run_check(r, shell.user_ns, req["modules"], pipe, checks_spec, load)
+                run_check(r, shell.user_ns, req["modules"], pipe, checks_spec, load, answers, codes)
             deadline, timed_out = monotonic() + float(r["timeout"]), False
             while True:
                 done, status = waitpid(pid, os.WNOHANG)
@@ -283,7 +362,8 @@ def load_check_module(key: str, spec: dict) -> types.ModuleType:
     return mod
 
 
-def _check_child(r: dict, ns: dict, modules: dict, pipe: Pipe, checks_spec: dict, load) -> None:
+def _check_child(r: dict, ns: dict, modules: dict, pipe: Pipe, checks_spec: dict, load,
+                 answers: list[tuple[str, types.FunctionType]], codes: list[tuple[types.CodeType, str]]) -> None:
     """Run one probe and send its raw output (runs in the forked check child; never returns)."""
     msg = {"type": "result", "seq": r["seq"]}
     try:
@@ -302,12 +382,17 @@ def _check_child(r: dict, ns: dict, modules: dict, pipe: Pipe, checks_spec: dict
             if origin not in (None, "__main__"):
                 msg["foreign"] = [name, str(origin)]
                 break
+            copied = _shares_code(obj, codes)
+            if copied:
+                msg["copied"] = [name, copied]
+                break
             args[name] = obj
         else:
+            disable(answers)
             torch.manual_seed(0)
             msg["value"] = encode(check.probe(**args))
     except BaseException as e:  # noqa: BLE001 — SystemExit, KeyboardInterrupt … are the submission's errors too
-        msg["error"] = _short_traceback(e)
+        msg["error"] = describe_error(e)[:1500]
     try:
         pipe.send(msg)
     except BaseException:  # noqa: BLE001
@@ -315,16 +400,16 @@ def _check_child(r: dict, ns: dict, modules: dict, pipe: Pipe, checks_spec: dict
     os._exit(0)
 
 
-def _short_traceback(e: BaseException) -> str:
-    """The exception first, then its last frames (without the sandbox's own)."""
-    try:
-        head = f"{type(e).__name__}: {e}"[:500]
-        frames = [f for f in traceback.extract_tb(e.__traceback__)
-                  if f.filename != __file__ and not f.filename.endswith(os.path.join("nn", "modules", "module.py"))]
-        frames = frames[-4:]
-        return (head + "\n" + "".join(traceback.format_list(frames)))[:1500]
-    except BaseException:  # noqa: BLE001 — a hostile __str__
-        return type(e).__name__[:100]
+def _shares_code(obj, codes: list[tuple[types.CodeType, str]]) -> str | None:
+    """The label of a package function whose very code object `obj` (a function or a class's method) runs."""
+    fns = [v for v in vars(obj).values() if isinstance(v, types.FunctionType)] if isinstance(obj, type) else [obj]
+    for fn in fns:
+        while isinstance(fn, types.FunctionType):  # a decorated function: the wrapper, then what it wraps
+            for original, label in codes:
+                if fn.__code__ is original:
+                    return label
+            fn = getattr(fn, "__wrapped__", None)
+    return None
 
 
 def main(argv: list[str]) -> None:
