@@ -7,7 +7,17 @@ OUT    ?= out/demo
 NBVAL  := --nbval --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 NB_DIRS := $(wildcard notebooks solutions)
 
-.PHONY: setup demo test lint unit notebooks-test notebooks exercises lab lock clean
+# `make lab`: JupyterLab with the course's settings (jupyter/: no news prompt, no update check), the repository as its
+# root, lesson 00 open; extra options in LAB_ARGS, e.g. `make lab LAB_ARGS="--no-browser --port 8900"`. It first
+# trusts the course's notebooks (`jupyter trust`, signatures in the user's Jupyter data folder; the files are not
+# changed), so their committed widgets and HTML animations render before the learner runs a cell.
+LAB_ARGS ?=
+LAB_ENV  := JUPYTER_CONFIG_PATH="$(CURDIR)/jupyter$${JUPYTER_CONFIG_PATH:+:$$JUPYTER_CONFIG_PATH}"
+AS_ROOT  := $(if $(filter 0,$(shell id -u)),--allow-root)
+COURSE_NBS := $(wildcard notebooks/*.ipynb exercises/*.ipynb solutions/*.ipynb)
+CHROMIUM_PKGS := chromium chromium-driver
+
+.PHONY: setup demo test lint unit notebooks-test notebooks exercises lab browser-deps lock clean
 
 setup: $(STAMP)
 
@@ -19,7 +29,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 demo: $(STAMP)   ## train the flagship DiT on the bundled MNIST digits, sample, evaluate → $(OUT)/
 	$(BIN)/minidit demo --out $(OUT)
 
-test: $(STAMP)   ## every test: lint, unit tests, notebooks (nbval)
+test: $(STAMP) browser-deps   ## every test: lint, unit tests (JupyterLab in headless Chromium included), notebooks (nbval)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(NBVAL) $(NB_DIRS)
@@ -39,8 +49,18 @@ notebooks: $(STAMP)   ## maintainers: re-execute and re-save every notebook (nbc
 exercises: $(STAMP)   ## regenerate exercises/ from solutions/
 	$(BIN)/minidit exercises
 
-lab: $(STAMP)   ## open the course in JupyterLab with this environment as the kernel
-	$(BIN)/jupyter lab notebooks
+lab: $(STAMP)   ## open the course in JupyterLab at lesson 00, with this environment as the kernel
+	$(LAB_ENV) $(BIN)/jupyter trust $(COURSE_NBS) >/dev/null
+	$(LAB_ENV) $(BIN)/jupyter lab --ServerApp.root_dir="$(CURDIR)" $(AS_ROOT) $(LAB_ARGS) notebooks/00_welcome.ipynb
+
+browser-deps:   ## tests/test_browser.py's browser: Debian's chromium + chromium-driver, installed with apt when root
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian's $(CHROMIUM_PKGS) (apt-get) for tests/test_browser.py"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -qq $(CHROMIUM_PKGS) >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq $(CHROMIUM_PKGS) >/dev/null; }; \
+	else echo "note: no chromium/chromedriver (as root: apt-get install $(CHROMIUM_PKGS)); tests/test_browser.py skips"; fi
 
 lock:   ## maintainers: re-pin the tested set after changing dependencies
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^minidit' > requirements/constraints.txt
