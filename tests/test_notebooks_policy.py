@@ -2,10 +2,14 @@
 
 nbval (`make notebooks-test`) re-runs the notebooks and compares outputs; this file checks what nbval cannot:
 that the committed files were executed top to bottom without errors, that most outputs are really compared,
-that every ignored output is backed by an assert, and that exercises/ is what `make exercises` generates.
+that every ignored output is backed by an assert, that committed outputs are clean (no machine paths, warnings,
+stderr or tracebacks: what a learner sees is what the lesson teaches), and that exercises/ is what `make exercises`
+generates.
 """
 
 import ast
+import json
+import re
 from pathlib import Path
 
 import nbformat
@@ -23,6 +27,14 @@ MARKERS = {"NBVAL_IGNORE_OUTPUT", "NBVAL_CHECK_OUTPUT", "NBVAL_SKIP", "NBVAL_RAI
 TAGS = {"nbval-ignore-output": "NBVAL_IGNORE_OUTPUT", "nbval-skip": "NBVAL_SKIP",
         "nbval-raises-exception": "NBVAL_RAISES_EXCEPTION", "raises-exception": "NBVAL_RAISES_EXCEPTION",
         "nbval-check-output": "NBVAL_CHECK_OUTPUT"}
+
+
+# Committed outputs must not show where or how they were made, nor anything that went wrong while making them.
+MACHINE_PATH = re.compile(r"/work/|/tmp/|/root/|/home/|/Users/|site-packages|dist-packages|[A-Za-z]:\\Users\\")
+WARNING = re.compile(r"Warning\b|warn\(|IProgress not found")
+TRACEBACK = re.compile(r"Traceback \(most recent call last\)")  # a printed one; error outputs are reported anyway
+TEXT_MIMES = ("text/plain", "text/html", "text/markdown", "text/latex", "application/javascript", "application/json")
+EMBEDDED = re.compile(r"data:[\w/+.-]+;base64,[A-Za-z0-9+/=\\n]*|[A-Za-z0-9+/=]{120,}")  # images, animation frames
 
 
 def _id(path: Path) -> str:
@@ -105,6 +117,87 @@ def test_ignored_outputs_are_asserted(path):
             if "NBVAL_IGNORE_OUTPUT" in markers(c) and not has_assert(c.source)]
     assert not bare, (f"{_id(path)}: code cells {bare} ignore their output without an assert; assert the property "
                       "that matters (e.g. `assert acc > 0.9`)")
+
+
+def output_texts(output) -> list[tuple[str, str]]:
+    """(what, text) for every text an output shows: a stream, an error, each text MIME type of a display or result.
+
+    Embedded binary data (base64 images and animation frames inside HTML) is cut out: it is not text a learner reads.
+    """
+    if output.output_type == "stream":
+        return [(f"{output.name} stream", output.text)]
+    texts = []
+    for mime in TEXT_MIMES:
+        value = output.get("data", {}).get(mime)
+        if value is not None:
+            value = value if isinstance(value, str) else json.dumps(value)
+            texts.append((mime, EMBEDDED.sub("", value)))
+    return texts
+
+
+def output_problems(nb) -> list[str]:
+    """Every committed output that shows a machine path, a warning, stderr or a traceback, by code cell number."""
+    problems = []
+    for i, cell in enumerate(_code(nb)):
+        for output in cell.outputs:
+            if output.output_type == "stream" and output.name == "stderr":
+                problems.append(f"code cell {i + 1}: a stderr stream: {output.text.strip()[:200]!r}")
+                continue
+            if output.output_type == "error":
+                problems.append(f"code cell {i + 1}: a traceback (error output): {output.ename}: {output.evalue}")
+                continue
+            for what, text in output_texts(output):
+                for name, pattern in (("a machine path", MACHINE_PATH), ("a warning", WARNING),
+                                      ("a traceback", TRACEBACK)):
+                    match = pattern.search(text)
+                    if match:  # quote the line it is on
+                        start, end = text.rfind("\n", 0, match.start()) + 1, text.find("\n", match.end())
+                        line = text[start:end if end >= 0 else None].strip()
+                        problems.append(f"code cell {i + 1}: {name} in its {what}: {line[:200]!r}")
+    return problems
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_id)
+def test_outputs_are_clean(path):
+    """No machine paths (/work/, /tmp/, /root/, /home/, site-packages), warnings, stderr or tracebacks in outputs.
+
+    Remove the cause (a deprecated call, a print of a path) rather than filtering the warning or hiding the stream.
+    """
+    problems = output_problems(_read(path))
+    assert not problems, f"{_id(path)}: committed outputs that a learner should not see:\n  " + "\n  ".join(problems)
+
+
+WARNING_FILTER = re.compile(r"\b(?:warnings\.(?:filterwarnings|simplefilter|catch_warnings)|filterwarnings\()")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=_id)
+def test_no_warning_filters(path):
+    """Warnings are fixed at their cause, never filtered: a filter would also hide the next, real warning."""
+    filtered = [f"code cell {i + 1}: {line.strip()}" for i, c in enumerate(_code(_read(path)))
+                for line in c.source.splitlines() if WARNING_FILTER.search(line) and not line.lstrip().startswith("#")]
+    assert not filtered, (f"{_id(path)}: warning filters (remove the cause of the warning instead; tqdm's "
+                          "'IProgress not found' is gone now that ipywidgets is installed):\n  "
+                          + "\n  ".join(filtered))
+
+
+def test_output_problems_are_detected():
+    """The output scan can fail: it sees paths, warnings, stderr and tracebacks, and skips embedded images."""
+    out = nbformat.v4.new_output
+    cell = nbformat.v4.new_code_cell("x = 1", outputs=[
+        out("stream", name="stdout", text="saved to /tmp/abc/run.png\n"),
+        out("stream", name="stderr", text="train: 100%\n"),
+        out("display_data", data={"text/plain": "/root/.venv/lib/python3.11/site-packages/tqdm/auto.py:21: "
+                                                "TqdmWarning: IProgress not found"}),
+        out("stream", name="stdout", text="ValueError: a message the lesson prints on purpose\n"),
+        out("error", ename="ValueError", evalue="bad", traceback=["Traceback (most recent call last)", "ValueError"]),
+        out("display_data", data={"text/html": '<img src="data:image/png;base64,AAAA/tmp/Warning+/home/AAAA">'}),
+    ])
+    nb = nbformat.v4.new_notebook(cells=[cell])
+    found = output_problems(nb)
+    assert [p.split(":")[1].strip() for p in found] == [
+        "a machine path in its stdout stream", "a stderr stream", "a machine path in its text/plain",
+        "a warning in its text/plain", "a traceback (error output)"], found
+    assert all(p.startswith("code cell 1:") for p in found)
 
 
 def test_exercises_are_up_to_date():
