@@ -2,7 +2,8 @@
 
 Loads the models saved by `nfe_sweep.py --save-models DIR` (one per objective), noises held-out digits to the
 same signal-to-noise ratios, SNR = ᾱ/(1 − ᾱ) for DDPM and (1 − t)²/t² for rectified flow, and asks each model
-for its one-step estimate of the clean image x̂0 (DDPM: (x_k − √(1 − ᾱ)·ε̂)/√ᾱ; RF: x_t − t·v̂). Per noise level:
+for its one-step estimate of the clean image x̂0 (DDPM ε-model: (x_k − √(1 − ᾱ)·ε̂)/√ᾱ; DDPM v-model:
+√ᾱ·x_k − √(1 − ᾱ)·v̂; RF: x_t − t·v̂). Per noise level:
 
   accuracy      the package's classifier on x̂0 given the TRUE label (does the estimate show the right digit?)
   follows_label x̂0 given a WRONG label (y + 3 mod 10) lies nearest (L2) to that label's mean training digit
@@ -10,7 +11,8 @@ for its one-step estimate of the clean image x̂0 (DDPM: (x_k − √(1 − ᾱ)
                 best estimate IS about the class mean, a blur the classifier was never trained on.
   x0_mse        mean squared error of x̂0 (given the true label) against the clean digit
   loss_weight   the weight each training loss puts on x̂0's squared error at this noise level:
-                ε-loss ‖ε̂ − ε‖² = SNR·‖x̂0 − x0‖²;  v-loss ‖v̂ − v‖² = ‖x̂0 − x0‖²/t² = (1 + √SNR)²·‖x̂0 − x0‖²
+                ε-loss ‖ε̂ − ε‖² = SNR·‖x̂0 − x0‖²;  DDPM v-loss ‖v̂ − v‖² = (SNR + 1)·‖x̂0 − x0‖²;
+                RF velocity loss ‖v̂ − v‖² = ‖x̂0 − x0‖²/t² = (1 + √SNR)²·‖x̂0 − x0‖²;  with min-SNR-γ: min(SNR, γ)
 
 and per model, with training times drawn as in its training run (DDPM: uniform k; RF: its t distribution), the
 share of training draws at √SNR < 1 (where the image is more noise than signal and the class gets decided)
@@ -31,7 +33,7 @@ import torch
 
 from minidit.checkpoint import load_model, read_meta
 from minidit.data import mnist_tensors
-from minidit.ddpm import DDPMSchedule, predict_x0, q_sample
+from minidit.ddpm import DDPMSchedule, eps_and_x0, q_sample, v_target
 from minidit.flow import interpolate, sample_t
 from minidit.metrics import accuracy, load_classifier
 from minidit.runinfo import command_line, machine, save_result
@@ -52,8 +54,10 @@ def x0_estimate(model, train: dict, x0: torch.Tensor, noise: torch.Tensor, y: to
     abar = sched.alphas_cumprod[k].item()
     kk = torch.full((n,), k)
     x_k = q_sample(sched, x0, kk, noise)
-    eps = model(x_k, sched.model_time(kk), y)
-    return predict_x0(x_k, eps, abar), abar / (1 - abar)
+    prediction, gamma = train.get("ddpm_prediction", "eps"), train.get("min_snr_gamma")
+    _, x0_hat = eps_and_x0(x_k, model(x_k, sched.model_time(kk), y), abar, prediction)
+    snr = abar / (1 - abar)
+    return x0_hat, (min(snr, gamma) if gamma is not None else snr if prediction == "eps" else snr + 1)
 
 
 @torch.no_grad()
@@ -72,10 +76,15 @@ def high_noise_shares(model, train: dict, x0: torch.Tensor, y: torch.Tensor, rep
     else:
         sched = DDPMSchedule(train["ddpm_schedule"])
         k = torch.randint(0, sched.T, (n,), generator=g)
-        eps = model(q_sample(sched, x0, k, noise), sched.model_time(k), y)
-        loss = (eps - noise).pow(2).flatten(1).mean(1)  # (n,) ε-loss per draw
+        prediction, gamma = train.get("ddpm_prediction", "eps"), train.get("min_snr_gamma")
+        target = noise if prediction == "eps" else v_target(x0, noise, sched.abar(k, x0))
+        out = model(q_sample(sched, x0, k, noise), sched.model_time(k), y)
+        loss = (out - target).pow(2).flatten(1).mean(1)  # (n,) ε- or v-loss per draw
         abar = sched.alphas_cumprod[k]
-        sqrt_snr = (abar / (1 - abar)).sqrt().float()
+        snr = abar / (1 - abar)
+        if gamma is not None:  # min-SNR-γ weights, as in training
+            loss = loss * (snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)).float()
+        sqrt_snr = snr.sqrt().float()
     high = sqrt_snr < 1
     return high.float().mean().item(), (loss[high].sum() / loss.sum()).item()
 

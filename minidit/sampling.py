@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from minidit.ddpm import DDPMSchedule, ddpm_solve
+from minidit.ddpm import PREDICTIONS, DDPMSchedule, ddpm_solve
 from minidit.flow import euler_sample, heun_sample
 from minidit.guidance import check_guidance, guided
 
@@ -34,17 +34,21 @@ def sample(
     generator: torch.Generator | None = None,
     noise: torch.Tensor | None = None,
     batch_size: int = 500,
+    prediction: str = "eps",
 ) -> torch.Tensor:
     """Samples (len(labels), C, H, W) in model space (images: [−1, 1], not clamped) for labels (N,).
 
     flow samplers: `shift` is SD3's time shift; DDPM samplers: `schedule`, `eta` (DDIM), `clip_x0` (pixel space),
-    `spacing` of the respaced steps (minidit.ddpm.respaced_steps).
+    `spacing` of the respaced steps (minidit.ddpm.respaced_steps), `prediction`: what the DDPM model outputs
+    ("eps" or "v", minidit.ddpm.PREDICTIONS; its TrainConfig.ddpm_prediction).
     Noise comes from `generator` (on its device, CPU by default) unless given; NFE = steps (Heun: 2·steps − 1).
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     if sampler in ("ddim", "ancestral") and schedule is None:
         raise ValueError(f"the {sampler!r} sampler needs the DDPM model's schedule (schedule=DDPMSchedule(...))")
     if labels.ndim != 1 or not labels.numel() or labels.is_floating_point() \
@@ -64,7 +68,7 @@ def sample(
             return euler_sample(predict, x, steps, shift)
         if sampler == "heun":
             return heun_sample(predict, x, steps, shift)
-        return ddpm_solve(predict, x, schedule, steps, sampler, eta, clip_x0, spacing, generator)
+        return ddpm_solve(predict, x, schedule, steps, sampler, eta, clip_x0, spacing, generator, prediction)
 
     models = [m for m in (model, guide_model) if m is not None]
     modes = [m.training for m in models]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from minidit.checkpoint import CheckpointError, build_config, load_checkpoint, load_state, save_checkpoint
-from minidit.ddpm import DDPMSchedule, ddpm_loss
+from minidit.ddpm import PREDICTIONS, DDPMSchedule, ddpm_loss
 from minidit.flow import flow_loss, sample_t
 from minidit.guidance import drop_labels
 from minidit.metrics import random_affine
@@ -56,6 +56,8 @@ class TrainConfig:
     t_std: float = 1.0
     t_shift: float = 1.0
     ddpm_schedule: str = "linear"
+    ddpm_prediction: str = "eps"  # ddpm: the network predicts "eps" (ε, DDPM/DiT) or "v" (Salimans & Ho 2022)
+    min_snr_gamma: float | None = None  # ddpm: min-SNR-γ loss weighting (Hang et al. 2023, γ = 5); None: unweighted
     label_smoothing: float = 0.05  # classifier
     bf16: bool | str = False  # autocast matmuls to bfloat16; "auto": where the device has bf16 matmul units
     grad_checkpointing: bool = False
@@ -75,6 +77,8 @@ class TrainConfig:
             "label_dropout": 0 <= self.label_dropout < 1, "t_sampling": self.t_sampling in ("uniform", "logit_normal"),
             "t_std": self.t_std > 0, "t_shift": self.t_shift > 0,
             "ddpm_schedule": self.ddpm_schedule in ("linear", "cosine"),
+            "ddpm_prediction": self.ddpm_prediction in PREDICTIONS,
+            "min_snr_gamma": self.min_snr_gamma is None or self.min_snr_gamma > 0,
             "bf16": self.bf16 in (True, False, "auto"), "compile_mode": self.compile_mode in COMPILE_MODES,
         }.items() if not ok]
         if bad:
@@ -175,7 +179,7 @@ class Trainer:
         y = drop_labels(y, b["drop"], self.model.null_label)  # classifier-free guidance's label dropout
         if c.objective == "flow":
             return flow_loss(self.net, x0, y, b["t"], b["noise"])
-        return ddpm_loss(self.net, self.schedule, x0, y, b["t"], b["noise"])
+        return ddpm_loss(self.net, self.schedule, x0, y, b["t"], b["noise"], c.ddpm_prediction, c.min_snr_gamma)
 
     # ---- the schedule -------------------------------------------------------------------------------------
     def progress(self) -> float:

@@ -284,10 +284,11 @@ def test_dit_cross_attention_block_matches_basic_transformer_block_with_mask():
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
-def test_ddpm_ancestral_sampler_matches_diffusers_ddpm_scheduler(schedule, spacing):
-    """minidit's ancestral sampler = diffusers' DDPMScheduler (ε-prediction, clipped x0, posterior variance β̃)
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddpm_ancestral_sampler_matches_diffusers_ddpm_scheduler(schedule, spacing, prediction):
+    """minidit's ancestral sampler = diffusers' DDPMScheduler (ε- or v-prediction, clipped x0, posterior variance β̃)
     stepped over the same respaced timesteps with the same random draws, for a DiT whose every weight is random
-    (so ε depends on x, t and y)."""
+    (so its output depends on x, t and y)."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
@@ -299,10 +300,11 @@ def test_ddpm_ancestral_sampler_matches_diffusers_ddpm_scheduler(schedule, spaci
     ks = respaced_steps(sched, 12, spacing)
     assert (ks[-1] == 0) == (spacing == "linspace")
     ours = sample(model, labels, steps=12, sampler="ancestral", schedule=sched, spacing=spacing, noise=z.clone(),
-                  generator=torch.Generator().manual_seed(7))
+                  generator=torch.Generator().manual_seed(7), prediction=prediction)
     ref = DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, clip_sample=True,
                         beta_schedule="linear" if schedule == "linear" else "squaredcos_cap_v2",
-                        variance_type="fixed_small", prediction_type="epsilon")
+                        variance_type="fixed_small",
+                        prediction_type="epsilon" if prediction == "eps" else "v_prediction")
     ref.set_timesteps(timesteps=ks)
     assert ref.timesteps.tolist() == ks
     assert torch.allclose(ref.alphas_cumprod.double(), sched.alphas_cumprod, atol=1e-6)
@@ -316,5 +318,34 @@ def test_ddpm_ancestral_sampler_matches_diffusers_ddpm_scheduler(schedule, spaci
         for t in ref.timesteps:
             eps = model(x, torch.full((4,), int(t)) / 1000, labels)  # minidit time = k / 1000
             x = ref.step(eps, t, x, generator=g).prev_sample
+    assert ours.abs().max() > 0.1
+    assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_ddim_sampler_matches_diffusers_ddim_scheduler(prediction):
+    """minidit's DDIM (η = 0, trailing steps, clipped x0) = diffusers' DDIMScheduler(timestep_spacing="trailing"),
+    for ε- and v-prediction, on a DiT whose every weight is random. 10 steps: diffusers steps back by T // steps,
+    which equals the trailing respacing only when the step count divides T."""
+    from diffusers import DDIMScheduler
+
+    torch.manual_seed(1)
+    model = DiT(get_config("mnist-tiny")).eval()
+    randomize(model, 0.05)
+    sched = DDPMSchedule("linear")
+    labels = torch.tensor([2, 5, 10])
+    z = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    ours = sample(model, labels, steps=10, sampler="ddim", schedule=sched, noise=z.clone(), prediction=prediction)
+    ref = DDIMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
+                        clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing",
+                        prediction_type="epsilon" if prediction == "eps" else "v_prediction")
+    ref.set_timesteps(10)
+    assert ref.timesteps.tolist() == respaced_steps(sched, 10) == list(range(999, 0, -100))
+    x = z.clone()
+    with torch.no_grad():
+        for t in ref.timesteps:
+            out = model(x, torch.full((3,), int(t)) / 1000, labels)
+            # use_clipped_model_output: ε recomputed from the clipped x̂0, as minidit (and DDPM's posterior) does
+            x = ref.step(out, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
     assert ours.abs().max() > 0.1
     assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
