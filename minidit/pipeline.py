@@ -63,6 +63,14 @@ RECIPES: dict[str, Recipe] = {
         description="the lessons' pixel-space DiT on the bundled MNIST digits, patch 7 (16 tokens), 170 s on the CPU",
         fast_attention=True,
     ),
+    "lesson04": Recipe(
+        model=get_config("mnist-p7"),
+        train=TrainConfig(steps=2000, batch_size=64, lr=3e-3, warmup_steps=50, ema_decay=0.999, lr_schedule="cosine",
+                          time_budget=100.0, bf16="auto"),
+        sample=dict(steps=20, sampler="euler", cfg_scale=2.0, shift=3.0),
+        description="lesson 04's in-notebook pixel DiT (patch 7): 2,000 steps or 100 s; settings chosen on val",
+        fast_attention=True,
+    ),
     "mnist-s4": Recipe(
         model=get_config("mnist-s4"),
         train=TrainConfig(steps=1500, batch_size=128, lr=2e-3, warmup_steps=50, ema_decay=0.999),
