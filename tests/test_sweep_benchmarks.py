@@ -167,7 +167,7 @@ def test_denoise_probe_rows(tmp_path, load_benchmark):
     load_benchmark("denoise_probe").main(["--models", str(ROOT / "benchmarks" / "results" / "nfe_quick_models"),
                                 "--n", "20", "--threads", "1", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert {r["model"] for r in rows} == {"ddpm", "ddpm-v", "rf-lognorm", "rf-uniform"} and len(rows) == 20  # 5 levels each
+    assert {r["model"] for r in rows} == {"ddpm", "ddpm-v", "rf-lognorm", "rf-uniform"} and len(rows) == 20
     for r in rows:
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["follows_label"] <= 1 and r["x0_mse"] > 0
 
