@@ -10,8 +10,8 @@ rendered progress-bar widget (the package's Trainer, tqdm.auto) and a slider tha
 the figure. Screenshots are saved under the test's tmp_path and their paths printed (`pytest -s` shows them).
 
 Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium, /usr/bin/chromedriver; no browser is ever
-downloaded): `make test` and `.ci/run` install them with apt when run as root; otherwise the browser tests skip,
-except under .ci/run (MINIDIT_BROWSER_TESTS=required), where they fail.
+downloaded): `make test` (and so .ci/run) installs them with apt when run as root, and there a missing browser fails
+the tests (MINIDIT_BROWSER_TESTS=required); elsewhere the browser tests skip.
 """
 
 import base64
@@ -44,7 +44,7 @@ INTERACTIVE = {"tests/browser/widgets.ipynb": ("progress bar", "slider")}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 RUN_TIMEOUT = 420  # seconds for one notebook's Run All (lessons take ≤ 3 min on 2 quiet cores)
-# .ci/run sets MINIDIT_BROWSER_TESTS=required: there a missing browser fails the tests instead of skipping them.
+# `make test` as root with apt sets MINIDIT_BROWSER_TESTS=required: a missing browser fails the tests, not skips them.
 REQUIRED = os.environ.get("MINIDIT_BROWSER_TESTS") == "required"
 NO_BROWSER = ("the browser tests need Debian's chromium and chromium-driver (/usr/bin/chromium, "
               "/usr/bin/chromedriver): `apt-get install chromium chromium-driver` as root "
