@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LAB_CONFIG = ROOT / "jupyter"  # the course's JupyterLab settings, shared with `make lab`
 WELCOME = "notebooks/00_welcome.ipynb"
 ASSIGNMENT = "solutions/A1_tokens.ipynb"
-# Notebooks with the package's progress bar (Trainer → tqdm.auto) and/or an ipywidgets slider that redraws a figure;
-# tests/browser/widgets.ipynb has both, in the way lesson 04 uses them.
-INTERACTIVE = {"tests/browser/widgets.ipynb": ("progress bar", "slider")}
+# Notebooks with the package's progress bar (Trainer → tqdm.auto) and/or an ipywidgets slider that redraws a figure:
+# lesson 01's patch size / resolution → tokens → attention-cost widget, and tests/browser/widgets.ipynb for the
+# progress bar (a 10-step Trainer: the bar lesson 04 shows while it trains, for minutes).
+INTERACTIVE = {"notebooks/01_patch_tokens.ipynb": ("slider",), "tests/browser/widgets.ipynb": ("progress bar",)}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 RUN_TIMEOUT = 420  # seconds for one notebook's Run All (lessons take ≤ 3 min on 2 quiet cores)
