@@ -49,9 +49,9 @@ DIT_TABLE_4 = {"in-context": {"fid": 35.24, "params": 449e6, "gflops": 119.37},
 MODEL = dict(patch_size=7, dim=128, depth=4, num_heads=4)  # = minidit.models.get_config("mnist-p7")
 LR_GRID = [1e-3, 2e-3, 4e-3]
 SHIFT_GRID = [1.0, 3.0]
-# One lr for every variant and no sampling shift, as DiT's Table 4 trained every row with one set of settings (the
-# flagship recipe's lr). --tune asks whether a per-variant lr would change the picture; it has not been run, so the
-# committed result (benchmarks/results/conditioning_ablation_full.json) uses these.
+# One lr for every variant and no sampling shift, as DiT's Table 4 trained every row with one set of settings.
+# --tune asks whether a per-variant lr would change the picture; it has not been run, so the committed result
+# (benchmarks/results/conditioning_ablation_full.json) uses these.
 LR = {"in-context": 2e-3, "cross-attention": 2e-3, "adaln": 2e-3, "adaln-gated": 2e-3, "adaln-zero": 2e-3}
 SHIFT = 1.0
 FULL = dict(model=MODEL, steps=1000, batch_size=64, warmup_steps=100, ema_decay=0.999, n=1000, seeds=[0, 1, 2],
