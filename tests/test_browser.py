@@ -5,9 +5,10 @@ project's environment as the kernel) on a free local port with a token. Its root
 of the notebooks, so running them never touches the committed files, and its config, data, runtime, settings and
 workspace folders are temporary too, so the user's home configuration plays no part. For each notebook the test opens
 it, runs Run → Run All Cells from the menu bar, waits for every cell to finish and the kernel to go idle, and asserts:
-no error and no stderr output, every code cell executed, a rendered figure; on the interactive notebook also a
-rendered progress-bar widget (the package's Trainer, tqdm.auto) and a slider that, moved with the arrow keys, redraws
-the figure. Screenshots are saved under the test's tmp_path and their paths printed (`pytest -s` shows them).
+no error and no stderr output, every code cell executed, a rendered figure; on lesson 00 also a rendered
+progress-bar widget (tqdm.auto, as the package's Trainer uses it), and on lesson 01 a slider that, moved with the
+arrow keys, redraws the figure. Screenshots are saved under the test's tmp_path and their paths printed (`pytest -s`
+shows them).
 
 Needs Debian's `chromium` and `chromium-driver` (/usr/bin/chromium, /usr/bin/chromedriver; no browser is ever
 downloaded): `make test` (and so .ci/run) installs them with apt when run as root, and there a missing browser fails
@@ -38,10 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LAB_CONFIG = ROOT / "jupyter"  # the course's JupyterLab settings, shared with `make lab`
 WELCOME = "notebooks/00_welcome.ipynb"
 ASSIGNMENT = "solutions/A1_tokens.ipynb"
-# Notebooks with the package's progress bar (Trainer → tqdm.auto) and/or an ipywidgets slider that redraws a figure:
-# lesson 01's patch size / resolution → tokens → attention-cost widget, and tests/browser/widgets.ipynb for the
-# progress bar (a 10-step Trainer: the bar lesson 04 shows while it trains, for minutes).
-INTERACTIVE = {"notebooks/01_patch_tokens.ipynb": ("slider",), "tests/browser/widgets.ipynb": ("progress bar",)}
+# Lessons with an ipywidgets slider that redraws a figure: lesson 01's patch size / resolution → tokens → attention
+# cost. Lesson 00's tqdm.auto progress bar (the bar the package's Trainer shows) is checked in its own test.
+INTERACTIVE = {"notebooks/01_patch_tokens.ipynb": ("slider",)}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 RUN_TIMEOUT = 420  # seconds for one notebook's Run All (lessons take ≤ 3 min on 2 quiet cores)
@@ -351,6 +351,7 @@ def test_lesson_00_opens_without_distractions_and_runs(lab, browser, tmp_path):
     cells = run_all(browser, lab, WELCOME)
     shot(browser, tmp_path, "00_welcome-after-run-all")
     check_run(cells, WELCOME)
+    check_progress_bar(browser, tmp_path, WELCOME, ".jp-NotebookPanel:not(.lm-mod-hidden)")
     figures = browser.find_elements(By.CSS_SELECTOR, ".jp-NotebookPanel:not(.lm-mod-hidden) .jp-RenderedImage")
     assert figures and rendered_images(browser), "lesson 00 rendered no figure"
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", figures[0])
@@ -369,7 +370,7 @@ def test_assignment_runs(lab, browser, tmp_path):
 
 
 @pytest.mark.parametrize("path", INTERACTIVE)
-def test_progress_bar_and_slider(lab, browser, tmp_path, path):
+def test_interactive_lesson(lab, browser, tmp_path, path):
     open_notebook(browser, lab, path)
     cells = run_all(browser, lab, path)
     check_run(cells, path)
